@@ -1,0 +1,24 @@
+"""The ``qgate`` command: click groups and commands only, no logic beyond parsing and calling."""
+
+from __future__ import annotations
+
+import click
+
+from qgate import __version__
+from qgate.cli.gateway import check, keygen, up
+from qgate.cli.kms import kms_sim, pki
+from qgate.cli.lab import lab
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qgate")
+def main() -> None:
+    """qgate: hybrid QKD + ML-KEM encryption gateway."""
+
+
+main.add_command(up)
+main.add_command(check)
+main.add_command(keygen)
+main.add_command(kms_sim)
+main.add_command(pki)
+main.add_command(lab)

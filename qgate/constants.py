@@ -1,0 +1,82 @@
+"""Spec and implementation constants, each with its unit and source."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- Wire protocol (docs/protocol.md) -------------------------------------------------
+PROTOCOL_VERSION: Final = 1
+"""qgate wire-protocol version carried in every handshake message."""
+
+MSG_HANDSHAKE_FRAGMENT: Final = 0x01
+"""Datagram type byte: one fragment of a handshake-class message."""
+MSG_DATA: Final = 0x04
+"""Datagram type byte: one sealed inner IP packet (or an empty keepalive)."""
+
+DATA_HEADER_SIZE: Final = 16
+"""Bytes: type(1) || reserved(3) || receiver_index(4) || counter(8); the AES-GCM associated data."""
+AEAD_TAG_SIZE: Final = 16
+"""Bytes: AES-GCM tag (NIST SP 800-38D, 128-bit tag)."""
+AEAD_KEY_SIZE: Final = 32
+"""Bytes: AES-256 key."""
+AEAD_NONCE_SIZE: Final = 12
+"""Bytes: 96-bit GCM nonce = 4 zero bytes || 64-bit big-endian counter (as WireGuard)."""
+DATA_OVERHEAD: Final = DATA_HEADER_SIZE + AEAD_TAG_SIZE
+"""Bytes qgate adds to each inner packet, before UDP/IP."""
+UDP_IPV4_OVERHEAD: Final = 28
+"""Bytes: IPv4 header (20) + UDP header (8), no IP options."""
+UDP_IPV6_OVERHEAD: Final = 48
+"""Bytes: IPv6 header (40) + UDP header (8)."""
+
+FRAGMENT_HEADER_SIZE: Final = 12
+"""Bytes: type(1) || msg_type(1) || index(1) || count(1) || sender_index(4) || message_id(4)."""
+FRAGMENT_PAYLOAD_MAX: Final = 1152
+"""Bytes of message per handshake fragment, so a fragment fits the IPv6 minimum MTU (RFC 8200: 1280)."""
+FRAGMENT_COUNT_MAX: Final = 16
+"""Fragments per handshake message at most (16 x 1152 = 18 KiB, above any message qgate sends)."""
+REASSEMBLY_TIMEOUT: Final = 5.0
+"""Seconds a partial handshake message is kept waiting for its other fragments."""
+REASSEMBLY_SLOTS: Final = 8
+"""Partial handshake messages kept at once per source; the oldest is dropped past this."""
+
+REPLAY_WINDOW_SIZE: Final = 8192
+"""Packets: anti-replay window per epoch (RFC 6479 bitmap; DESIGN.md asks at least 8192)."""
+AEAD_PACKET_LIMIT: Final = 1 << 23
+"""Packets sealed under one AES-GCM key at most (RFC 9001 section 6.6 confidentiality limit)."""
+AEAD_PACKET_SOFT_LIMIT: Final = AEAD_PACKET_LIMIT - (1 << 20)
+"""Packets after which a rekey is started early, ahead of AEAD_PACKET_LIMIT."""
+
+HANDSHAKE_RETRY: Final = 1.0
+"""Seconds between retransmissions of an unanswered handshake or ratchet message."""
+HANDSHAKE_TIMEOUT: Final = 10.0
+"""Seconds after which an unfinished handshake is abandoned and restarted with fresh keys."""
+EPOCH_GRACE: Final = 2.0
+"""Seconds a replaced epoch still opens reordered packets (make-before-break)."""
+KICK_INTERVAL: Final = 2.0
+"""Seconds between a slave's signed requests for a handshake while it has no session."""
+
+# --- Key sizes -------------------------------------------------------------------------
+HASH_SIZE: Final = 48
+"""Bytes: SHA-384 digest; the chaining key and transcript hash have this size."""
+CONFIRM_SIZE: Final = 32
+"""Bytes: key-confirmation MAC (HMAC-SHA-384 truncated to 256 bits)."""
+X25519_SIZE: Final = 32
+"""Bytes: X25519 public value and shared secret (RFC 7748 section 5)."""
+QKD_KEY_BITS_DEFAULT: Final = 256
+"""Bits of QKD key fetched per rekey (ETSI GS QKD 014 ``size``)."""
+
+# --- ETSI GS QKD 014 v1.1.1 ------------------------------------------------------------
+ETSI014_API_PREFIX: Final = "/api/v1/keys"
+"""URL prefix of the ETSI GS QKD 014 key delivery API (section 5.1)."""
+
+# --- Policy defaults (DESIGN.md, Rekeying) ----------------------------------------------
+REKEY_INTERVAL_DEFAULT: Final = 10.0
+"""Seconds between QKD ratchet steps."""
+REKEY_INTERVAL_MIN: Final = 0.1
+"""Seconds: the fastest ratchet the policy may ask for."""
+KEM_INTERVAL_DEFAULT: Final = 120.0
+"""Seconds between full ML-KEM handshakes."""
+DEFAULT_UDP_PORT: Final = 51820
+"""The gateway's UDP port when the policy gives none."""
+DEFAULT_TUN_MTU: Final = 1420
+"""Bytes: inner MTU; 1500 - 20 (IPv4) - 8 (UDP) - 32 (qgate) = 1440, rounded down for IPv6."""
