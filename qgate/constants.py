@@ -28,8 +28,8 @@ UDP_IPV4_OVERHEAD: Final = 28
 UDP_IPV6_OVERHEAD: Final = 48
 """Bytes: IPv6 header (40) + UDP header (8)."""
 
-FRAGMENT_HEADER_SIZE: Final = 12
-"""Bytes: type(1) || msg_type(1) || index(1) || count(1) || sender_index(4) || message_id(4)."""
+FRAGMENT_HEADER_SIZE: Final = 8
+"""Bytes: type(1) || msg_type(1) || index(1) || count(1) || message_id(4)."""
 FRAGMENT_PAYLOAD_MAX: Final = 1152
 """Bytes of message per handshake fragment, so a fragment fits the IPv6 minimum MTU (RFC 8200: 1280)."""
 FRAGMENT_COUNT_MAX: Final = 16

@@ -1,0 +1,81 @@
+"""``qgate up``, ``qgate check`` and ``qgate keygen``: parsing and calling only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from qgate.errors import QgateError
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr, one line per record, at ``level``."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def fail(exc: QgateError) -> None:
+    """Print a QgateError for the operator and exit with status 1."""
+    click.echo(f"qgate: error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.command()
+@click.argument("policy_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--stats-file", type=click.Path(path_type=Path, dir_okay=False), help="Write counters as JSON here every second and at exit.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+def up(policy_file: Path, stats_file: Path | None, log_level: str) -> None:
+    """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
+    from qgate.gateway import run_gateway
+    from qgate.policy import load_policy
+
+    setup_logging(log_level)
+    try:
+        run_gateway(load_policy(policy_file), stats_file=stats_file)
+    except QgateError as exc:
+        fail(exc)
+
+
+@click.command()
+@click.argument("policy_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout.")
+def check(policy_file: Path, as_json: bool) -> None:
+    """Validate POLICY_FILE and the key files it names, with no side effects."""
+    from qgate.checks import check_policy_file
+
+    try:
+        summary = check_policy_file(policy_file)
+    except QgateError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc)}))
+        fail(exc)
+        return
+    for line in summary.lines():
+        click.echo(line, err=as_json)
+    if as_json:
+        click.echo(json.dumps({"ok": True, **summary.as_dict()}))
+
+
+@click.command()
+@click.option("--alg", type=click.Choice(["ml-dsa-65", "ml-dsa-87"]), default="ml-dsa-65", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Private key file (the public key goes to the same name with .pub).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def keygen(alg: str, out: Path, force: bool) -> None:
+    """Write a new gateway identity (FIPS 204 ML-DSA): OUT (private, mode 0600) and OUT.pub."""
+    from qgate.keyfiles import write_identity
+
+    try:
+        private, public = write_identity(out, alg, force=force)
+    except QgateError as exc:
+        fail(exc)
+        return
+    click.echo(f"wrote {private} (private, keep it secret) and {public} (give it to the peer)", err=True)

@@ -1,0 +1,415 @@
+"""The running gateway: wires policy -> KME client -> peer engines -> TUN and UDP (the asyncio adapter).
+
+``qgate up`` calls ``run_gateway``. Everything here is I/O glue: the protocol decisions live in
+``qgate.protocol.peer`` (sans-I/O); this module reads the TUN and the UDP socket, carries out
+the engines' actions (send a datagram, call the KME in a worker thread, log an event), runs
+their timers, writes the statistics file, and undoes its network changes on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Final
+
+from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
+from qgate.crypto.kem import get_kem
+from qgate.crypto.secret import Secret
+from qgate.dataplane.routing import RouteTable
+from qgate.dataplane.tun import TunDevice
+from qgate.errors import DataPlaneError, KmsError, QgateError
+from qgate.keyfiles import load_identity, load_peer_public_key
+from qgate.kms.client import Etsi014Client
+from qgate.netconfig import NetHandle, configure_tun
+from qgate.policy import GatewayPolicy, PeerPolicy
+from qgate.protocol.peer import (
+    Action,
+    FetchDecKeys,
+    FetchEncKeys,
+    Peer,
+    PeerConfig,
+    PeerEvent,
+    SendDatagram,
+)
+
+log = logging.getLogger(__name__)
+
+TICK: Final = 0.02
+"""Seconds between timer checks (rekey intervals go down to 0.1 s)."""
+STATS_PERIOD: Final = 1.0
+"""Seconds between rewrites of the statistics file."""
+BATCH: Final = 256
+"""Packets read from the TUN or the socket per wake-up at most."""
+SOCKET_BUFFER: Final = 4 << 20
+"""Bytes of kernel socket buffer asked for in each direction."""
+RECV_SIZE: Final = 65535
+"""Bytes: the largest UDP datagram."""
+_WARN_EVENTS: Final = frozenset(
+    {"authentication_failed", "bad_handshake_message", "qkd_request_failed", "handshake_abandoned", "ratchet_abandoned"}
+)
+
+
+@dataclass
+class GatewayStats:
+    """Counters that belong to no single peer."""
+
+    rx_not_qgate: int = 0
+    rx_unknown_source: int = 0
+    rx_unknown_index: int = 0
+    drops_bad_inner_source: int = 0
+    drops_no_route: int = 0
+    drops_send_error: int = 0
+    tun_write_errors: int = 0
+
+
+@dataclass
+class _PeerLink:
+    policy: PeerPolicy
+    engine: Peer
+    address: tuple[str, int]
+    kms_busy: set[int] = field(default_factory=set)
+
+
+def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
+    """Return the protocol engine's settings for policy peer ``p``."""
+    return PeerConfig(
+        name=p.name,
+        role=p.qkd_role,
+        my_sae=my_sae,
+        peer_sae=p.sae_id,
+        kem=get_kem(p.kem),
+        x25519=p.x25519,
+        qkd_bits=p.qkd_key_bits,
+        interval=p.rekey.interval,
+        kem_interval=p.rekey.kem_interval,
+        max_key_age=p.rekey.max_key_age,
+    )
+
+
+class Gateway:
+    """One running gateway. Build it with the policy, then ``await run()``."""
+
+    def __init__(self, policy: GatewayPolicy, *, stats_file: Path | None = None) -> None:
+        """Load keys and set up the engines; touches no network yet.
+
+        Raises:
+            ConfigError: a key file is missing or unusable.
+        """
+        self.policy = policy
+        self.stats = GatewayStats()
+        self._stats_file = stats_file
+        identity = load_identity(policy.identity)
+        kme = policy.kme
+        self._kms = Etsi014Client(kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout)
+        now = time.monotonic()
+        self._peers: list[_PeerLink] = []
+        for p in policy.peers:
+            engine = Peer(
+                peer_config(p, kme.sae_id),
+                identity=identity,
+                peer_key=load_peer_public_key(p.public_key),
+                rng=os.urandom,
+                wall_ns=time.time_ns,
+                now=now,
+            )
+            self._peers.append(_PeerLink(p, engine, (p.endpoint.host, p.endpoint.port)))
+        self._by_address = {link.address: link for link in self._peers}
+        self._routes: RouteTable[_PeerLink] = RouteTable((net, link) for link in self._peers for net in link.policy.subnets)
+        self._tun: TunDevice | None = None
+        self._sock: socket.socket | None = None
+        self._net: NetHandle | None = None
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ----- lifecycle -----------------------------------------------------------------
+    async def run(self) -> None:
+        """Bring the tunnel up and forward until SIGINT/SIGTERM; always undo the set-up.
+
+        Raises:
+            DataPlaneError: the TUN, routes or UDP socket could not be set up.
+        """
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._open()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop.set)
+            self._probe_kme()
+            log.info("gateway %s up: listening on %s, %d peer(s)", self.policy.name, self.policy.listen, len(self._peers))
+            await self._timer_loop()
+        finally:
+            self._close()
+            self._write_stats()
+            log.info("gateway %s stopped; TUN and routes removed", self.policy.name)
+
+    def stop(self) -> None:
+        """Ask ``run`` to return (thread-safe only from the event loop)."""
+        self._stop.set()
+
+    def _open(self) -> None:
+        pol = self.policy
+        self._tun = TunDevice.open(pol.tun.name)
+        routes = [net for link in self._peers for net in link.policy.subnets]
+        self._net = configure_tun(self._tun.name, mtu=pol.tun.mtu, address=pol.tun.address, routes=routes)
+        log.info("TUN %s up, MTU %d, routes %s", self._tun.name, pol.tun.mtu, ", ".join(map(str, routes)))
+        family = socket.AF_INET6 if ":" in pol.listen.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            sock.bind((pol.listen.host, pol.listen.port))
+        except OSError as exc:
+            sock.close()
+            raise DataPlaneError(f"cannot bind UDP {pol.listen}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        self._sock = sock
+        assert self._loop is not None
+        self._loop.add_reader(self._tun.fd, self._on_tun_readable)
+        self._loop.add_reader(sock.fileno(), self._on_udp_readable)
+
+    def _close(self) -> None:
+        loop = self._loop
+        if self._sock is not None:
+            if loop is not None:
+                loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._net is not None:
+            try:
+                self._net.remove()
+            except QgateError as exc:
+                log.error("could not remove all network settings: %s", exc)
+            self._net = None
+        if self._tun is not None:
+            if loop is not None:
+                loop.remove_reader(self._tun.fd)
+            self._tun.close()
+            self._tun = None
+        for link in self._peers:
+            link.engine.epochs.clear()
+
+    def _probe_kme(self) -> None:
+        """Ask the KME for its status once at start, so a down KME shows in the log at once."""
+        assert self._loop is not None
+        for link in self._peers:
+            if link.policy.qkd_role != "master":
+                continue
+            future = self._loop.run_in_executor(None, self._kms.status, link.policy.sae_id)
+            future.add_done_callback(lambda f, name=link.policy.name: self._probe_done(f, name))
+
+    def _probe_done(self, future: asyncio.Future[object], peer: str) -> None:
+        exc = future.exception()
+        if exc is None:
+            log.info("KME %s reachable; key status for peer %s: %s", self.policy.kme.url, peer, future.result())
+        else:
+            log.error("KME %s: %s (handshakes will be retried with backoff)", self.policy.kme.url, exc)
+
+    async def _timer_loop(self) -> None:
+        next_stats = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for link in self._peers:
+                due = link.engine.next_timer()
+                if due is None or due <= now:
+                    link.engine.handle_timer(now)
+                    self._flush(link)
+            if now >= next_stats:
+                self._write_stats()
+                next_stats = now + STATS_PERIOD
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), TICK)
+
+    # ----- data plane ----------------------------------------------------------------
+    def _on_tun_readable(self) -> None:
+        tun, sock = self._tun, self._sock
+        if tun is None or sock is None:
+            return
+        now = time.monotonic()
+        touched: set[int] = set()
+        for _ in range(BATCH):
+            packet = tun.read()
+            if packet is None:
+                break
+            link = self._routes.for_destination(packet)
+            if link is None:
+                self.stats.drops_no_route += 1
+                continue
+            datagram = link.engine.seal(packet, now)
+            if datagram is None:
+                touched.add(id(link))
+                continue
+            self._send(link, datagram)
+        for link in self._peers:
+            if id(link) in touched and not link.engine.established:
+                link.engine.handle_timer(now)
+                self._flush(link)
+
+    def _on_udp_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        now = time.monotonic()
+        for _ in range(BATCH):
+            try:
+                datagram, address = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                log.debug("UDP receive error: %s", exc)
+                continue
+            self._on_datagram(datagram, (address[0], address[1]), now)
+
+    def _on_datagram(self, datagram: bytes, address: tuple[str, int], now: float) -> None:
+        kind = datagram[0] if datagram else -1
+        if kind == MSG_DATA:
+            link = self._link_for_index(datagram) or self._by_address.get(address)
+            if link is None:
+                self.stats.rx_unknown_index += 1
+                return
+            plaintext = link.engine.open(datagram, now)
+            if plaintext:
+                self._deliver(link, plaintext)
+            self._flush(link)
+        elif kind == MSG_HANDSHAKE_FRAGMENT:
+            link = self._by_address.get(address)
+            if link is None:
+                self.stats.rx_unknown_source += 1
+                return
+            link.engine.receive_fragment(datagram, now)
+            self._flush(link)
+        else:
+            self.stats.rx_not_qgate += 1
+
+    def _link_for_index(self, datagram: bytes) -> _PeerLink | None:
+        index = int.from_bytes(datagram[4:8], "big")
+        for link in self._peers:
+            if index in link.engine.epochs.by_index:
+                return link
+        return None
+
+    def _deliver(self, link: _PeerLink, packet: bytes) -> None:
+        if self._routes.for_source(packet) is not link:
+            self.stats.drops_bad_inner_source += 1
+            return
+        tun = self._tun
+        if tun is None:
+            return
+        try:
+            tun.write(packet)
+        except (OSError, DataPlaneError):
+            self.stats.tun_write_errors += 1
+
+    def _send(self, link: _PeerLink, datagram: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.sendto(datagram, link.address)
+        except OSError:
+            self.stats.drops_send_error += 1
+
+    # ----- actions -------------------------------------------------------------------
+    def _flush(self, link: _PeerLink) -> None:
+        for action in link.engine.take_actions():
+            self._do(link, action)
+
+    def _do(self, link: _PeerLink, action: Action) -> None:
+        if isinstance(action, SendDatagram):
+            self._send(link, action.data)
+        elif isinstance(action, FetchEncKeys | FetchDecKeys):
+            self._fetch(link, action)
+        elif isinstance(action, PeerEvent):
+            self._log_event(action)
+
+    def _fetch(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys) -> None:
+        assert self._loop is not None
+        peer_sae = link.policy.sae_id
+        if isinstance(action, FetchEncKeys):
+            call = lambda: self._kms.enc_keys(peer_sae, action.number, action.size_bits)  # noqa: E731
+        else:
+            call = lambda: self._kms.dec_keys(peer_sae, action.key_ids)  # noqa: E731
+        future = self._loop.run_in_executor(None, call)
+        future.add_done_callback(lambda f: self._fetched(link, action, f))
+
+    def _fetched(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, future: asyncio.Future[Sequence[object]]) -> None:
+        now = time.monotonic()
+        exc = future.exception()
+        if exc is None:
+            keys = [(k.key_id, k.key) for k in future.result()]  # type: ignore[attr-defined]
+            if isinstance(action, FetchDecKeys):
+                order = {key_id: i for i, key_id in enumerate(action.key_ids)}
+                keys.sort(key=lambda kv: order.get(kv[0], len(order)))
+            link.engine.keys_fetched(action.request_id, _as_secrets(keys), now)
+        elif isinstance(exc, KmsError):
+            link.engine.keys_failed(action.request_id, str(exc), now)
+        else:
+            log.error("KME request failed unexpectedly", exc_info=exc)
+            link.engine.keys_failed(action.request_id, f"internal error: {type(exc).__name__}", now)
+        self._flush(link)
+
+    def _log_event(self, event: PeerEvent) -> None:
+        detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
+        level = logging.WARNING if event.kind in _WARN_EVENTS else logging.INFO
+        log.log(level, "%s %s", event.kind, detail)
+
+    # ----- statistics ----------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """Return every counter as plain JSON-able data (no key bytes)."""
+        peers: dict[str, object] = {}
+        totals: dict[str, int] = {}
+        for link in self._peers:
+            engine = link.engine
+            current = engine.epochs.current
+            row: dict[str, object] = {
+                "role": link.policy.qkd_role,
+                "established": engine.established,
+                "epoch": current.number if current else None,
+                **asdict(engine.stats),
+                **asdict(engine.epochs.stats),
+            }
+            peers[link.policy.name] = row
+            for key, value in row.items():
+                if isinstance(value, int) and not isinstance(value, bool) and key != "epoch":
+                    totals[key] = totals.get(key, 0) + value
+        master_rekeys = {
+            key: sum(link.engine.stats.__dict__[key] for link in self._peers if link.policy.qkd_role == "master")
+            for key in ("rekeys_qkd", "rekeys_kem")
+        }
+        return {"gateway": self.policy.name, **totals, **asdict(self.stats), "master": master_rekeys, "peers": peers}
+
+    def _write_stats(self) -> None:
+        if self._stats_file is None:
+            return
+        tmp = self._stats_file.with_name(self._stats_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.snapshot(), sort_keys=True))
+            tmp.replace(self._stats_file)
+        except OSError as exc:
+            log.warning("cannot write statistics to %s: %s", self._stats_file, exc)
+
+
+def _as_secrets(keys: Sequence[tuple[str, object]]) -> list[tuple[str, Secret]]:
+    out: list[tuple[str, Secret]] = []
+    for key_id, key in keys:
+        if not isinstance(key, Secret):
+            raise TypeError("KME client returned a key that is not a Secret")
+        out.append((key_id, key))
+    return out
+
+
+def run_gateway(policy: GatewayPolicy, *, stats_file: Path | None = None) -> None:
+    """Run a gateway in the foreground until SIGINT/SIGTERM (``qgate up``).
+
+    Raises:
+        QgateError: set-up failed (keys, TUN, routes, socket); the message says what.
+    """
+    gateway = Gateway(policy, stats_file=stats_file)
+    asyncio.run(gateway.run())

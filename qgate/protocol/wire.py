@@ -1,0 +1,183 @@
+"""Datagram framing: data-packet header and handshake fragments (docs/protocol.md, Datagrams).
+
+Every qgate UDP datagram starts with a type byte:
+
+* ``0x04`` data: ``type(1) || reserved(3)=0 || receiver_index(4) || counter(8)`` (16 bytes, the
+  AES-GCM associated data) followed by ``ciphertext || tag(16)``. An empty plaintext is a keepalive.
+* ``0x01`` handshake fragment: ``type(1) || msg_type(1) || index(1) || count(1) || message_id(4)``
+  followed by at most 1152 bytes of the message, so no fragment needs IP fragmentation
+  (it fits the IPv6 minimum MTU of 1280 bytes, RFC 8200 section 5).
+
+Sans-I/O: bytes and ``now`` in, bytes out.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from qgate.constants import (
+    AEAD_TAG_SIZE,
+    DATA_HEADER_SIZE,
+    FRAGMENT_COUNT_MAX,
+    FRAGMENT_HEADER_SIZE,
+    FRAGMENT_PAYLOAD_MAX,
+    MSG_DATA,
+    MSG_HANDSHAKE_FRAGMENT,
+    REASSEMBLY_SLOTS,
+    REASSEMBLY_TIMEOUT,
+)
+from qgate.errors import LocalProtocolError, RemoteProtocolError
+
+_DATA_HEADER: Final = struct.Struct("!B3xIQ")
+_FRAGMENT_HEADER: Final = struct.Struct("!BBBBI")
+_MESSAGE_TYPES: Final = range(1, 8)
+
+
+def pack_data_header(receiver_index: int, counter: int) -> bytes:
+    """Return the 16-byte data header for ``receiver_index`` (u32) and ``counter`` (u64)."""
+    return _DATA_HEADER.pack(MSG_DATA, receiver_index, counter)
+
+
+def parse_data_header(datagram: bytes) -> tuple[int, int]:
+    """Return ``(receiver_index, counter)`` of a data datagram.
+
+    Raises:
+        RemoteProtocolError: shorter than header + tag, wrong type, or non-zero reserved bytes.
+    """
+    if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
+        raise RemoteProtocolError("data datagram shorter than header and tag")
+    if datagram[0] != MSG_DATA or datagram[1:4] != b"\x00\x00\x00":
+        raise RemoteProtocolError("not a data datagram")
+    _, index, counter = _DATA_HEADER.unpack_from(datagram)
+    return index, counter
+
+
+def fragment_message(msg_type: int, message: bytes, message_id: int) -> list[bytes]:
+    """Split one handshake message into fragment datagrams.
+
+    Args:
+        msg_type: message type (1-7, ``qgate.protocol.messages``).
+        message: the encoded message, 1 .. 16 x 1152 bytes.
+        message_id: u32 chosen by the sender, the same for every fragment of this message.
+
+    Raises:
+        LocalProtocolError: the message is empty or needs more than 16 fragments.
+    """
+    chunks = [message[i : i + FRAGMENT_PAYLOAD_MAX] for i in range(0, len(message), FRAGMENT_PAYLOAD_MAX)]
+    if not chunks or len(chunks) > FRAGMENT_COUNT_MAX:
+        raise LocalProtocolError(f"handshake message of {len(message)} bytes cannot be fragmented")
+    count = len(chunks)
+    return [
+        _FRAGMENT_HEADER.pack(MSG_HANDSHAKE_FRAGMENT, msg_type, i, count, message_id) + chunk
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One parsed handshake fragment."""
+
+    msg_type: int
+    index: int
+    count: int
+    message_id: int
+    payload: bytes
+
+
+def parse_fragment(datagram: bytes) -> Fragment:
+    """Parse a handshake fragment datagram.
+
+    Raises:
+        RemoteProtocolError: short, wrong type, unknown message type, bad index/count, or an
+            empty or oversized payload.
+    """
+    if len(datagram) <= FRAGMENT_HEADER_SIZE or datagram[0] != MSG_HANDSHAKE_FRAGMENT:
+        raise RemoteProtocolError("not a handshake fragment")
+    _, msg_type, index, count, message_id = _FRAGMENT_HEADER.unpack_from(datagram)
+    payload = datagram[FRAGMENT_HEADER_SIZE:]
+    if msg_type not in _MESSAGE_TYPES:
+        raise RemoteProtocolError(f"unknown handshake message type {msg_type}")
+    if not 1 <= count <= FRAGMENT_COUNT_MAX or index >= count:
+        raise RemoteProtocolError(f"fragment {index} of {count} out of range")
+    if len(payload) > FRAGMENT_PAYLOAD_MAX or (index < count - 1 and len(payload) != FRAGMENT_PAYLOAD_MAX):
+        raise RemoteProtocolError("fragment payload of the wrong size")
+    return Fragment(msg_type, index, count, message_id, payload)
+
+
+def classify_datagram(datagram: bytes) -> str | None:
+    """Return ``"data"`` or ``"handshake"`` if the datagram is well-formed qgate framing, else None.
+
+    Checks framing only (type byte, header fields, sizes); it cannot check authenticity.
+    """
+    try:
+        if datagram[:1] == bytes([MSG_DATA]):
+            parse_data_header(datagram)
+            return "data"
+        if datagram[:1] == bytes([MSG_HANDSHAKE_FRAGMENT]):
+            parse_fragment(datagram)
+            return "handshake"
+    except RemoteProtocolError:
+        return None
+    return None
+
+
+@dataclass
+class _Partial:
+    msg_type: int
+    count: int
+    started: float
+    pieces: dict[int, bytes] = field(default_factory=dict)
+
+
+class Reassembler:
+    """Rebuild handshake messages from fragments of one source (bounded memory and time).
+
+    At most ``REASSEMBLY_SLOTS`` partial messages are kept (the oldest is dropped past that),
+    each for ``REASSEMBLY_TIMEOUT`` seconds. Fragments may arrive in any order and more than once.
+    """
+
+    def __init__(self, slots: int = REASSEMBLY_SLOTS, timeout: float = REASSEMBLY_TIMEOUT) -> None:
+        self._slots = slots
+        self._timeout = timeout
+        self._partials: OrderedDict[int, _Partial] = OrderedDict()
+
+    def add(self, fragment: Fragment, now: float) -> tuple[int, bytes] | None:
+        """Add one fragment; return ``(msg_type, message)`` once the message is complete.
+
+        Raises:
+            RemoteProtocolError: the fragment contradicts earlier fragments of the same message.
+        """
+        self._expire(now)
+        if fragment.count == 1:
+            return fragment.msg_type, fragment.payload
+        partial = self._partials.get(fragment.message_id)
+        if partial is None:
+            partial = _Partial(fragment.msg_type, fragment.count, now)
+            self._partials[fragment.message_id] = partial
+            while len(self._partials) > self._slots:
+                self._partials.popitem(last=False)
+        if partial.msg_type != fragment.msg_type or partial.count != fragment.count:
+            del self._partials[fragment.message_id]
+            raise RemoteProtocolError("fragment does not match the message it claims to belong to")
+        partial.pieces[fragment.index] = fragment.payload
+        if len(partial.pieces) < partial.count:
+            return None
+        del self._partials[fragment.message_id]
+        return partial.msg_type, b"".join(partial.pieces[i] for i in range(partial.count))
+
+    def _expire(self, now: float) -> None:
+        stale = [mid for mid, p in self._partials.items() if now - p.started > self._timeout]
+        for mid in stale:
+            del self._partials[mid]
+
+    def __len__(self) -> int:
+        return len(self._partials)
+
+
+def new_message_id(rng: Callable[[int], bytes]) -> int:
+    """Return a random u32 message id for ``fragment_message``."""
+    return int.from_bytes(rng(4), "big")
