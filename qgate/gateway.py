@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
 from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
 from qgate.crypto.kem import get_kem
-from qgate.crypto.secret import Secret
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tun import TunDevice
 from qgate.errors import DataPlaneError, KmsError, QgateError
 from qgate.keyfiles import load_identity, load_peer_public_key
 from qgate.kms.client import Etsi014Client
+from qgate.kms.etsi014 import QkdKey, Status
 from qgate.netconfig import NetHandle, configure_tun
 from qgate.policy import GatewayPolicy, PeerPolicy
 from qgate.protocol.peer import (
@@ -54,7 +54,13 @@ SOCKET_BUFFER: Final = 4 << 20
 RECV_SIZE: Final = 65535
 """Bytes: the largest UDP datagram."""
 _WARN_EVENTS: Final = frozenset(
-    {"authentication_failed", "bad_handshake_message", "qkd_request_failed", "handshake_abandoned", "ratchet_abandoned"}
+    {
+        "authentication_failed",
+        "bad_handshake_message",
+        "qkd_request_failed",
+        "handshake_abandoned",
+        "ratchet_abandoned",
+    }
 )
 
 
@@ -123,7 +129,9 @@ class Gateway:
             )
             self._peers.append(_PeerLink(p, engine, (p.endpoint.host, p.endpoint.port)))
         self._by_address = {link.address: link for link in self._peers}
-        self._routes: RouteTable[_PeerLink] = RouteTable((net, link) for link in self._peers for net in link.policy.subnets)
+        self._routes: RouteTable[_PeerLink] = RouteTable(
+            (net, link) for link in self._peers for net in link.policy.subnets
+        )
         self._tun: TunDevice | None = None
         self._sock: socket.socket | None = None
         self._net: NetHandle | None = None
@@ -143,7 +151,12 @@ class Gateway:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
             self._probe_kme()
-            log.info("gateway %s up: listening on %s, %d peer(s)", self.policy.name, self.policy.listen, len(self._peers))
+            log.info(
+                "gateway %s up: listening on %s, %d peer(s)",
+                self.policy.name,
+                self.policy.listen,
+                len(self._peers),
+            )
             await self._timer_loop()
         finally:
             self._close()
@@ -203,12 +216,14 @@ class Gateway:
             if link.policy.qkd_role != "master":
                 continue
             future = self._loop.run_in_executor(None, self._kms.status, link.policy.sae_id)
-            future.add_done_callback(lambda f, name=link.policy.name: self._probe_done(f, name))
+            future.add_done_callback(functools.partial(self._probe_done, peer=link.policy.name))
 
-    def _probe_done(self, future: asyncio.Future[object], peer: str) -> None:
+    def _probe_done(self, future: asyncio.Future[Status], *, peer: str) -> None:
         exc = future.exception()
         if exc is None:
-            log.info("KME %s reachable; key status for peer %s: %s", self.policy.kme.url, peer, future.result())
+            log.info(
+                "KME %s reachable; key status for peer %s: %s", self.policy.kme.url, peer, future.result()
+            )
         else:
             log.error("KME %s: %s (handshakes will be retried with backoff)", self.policy.kme.url, exc)
 
@@ -339,15 +354,17 @@ class Gateway:
         future = self._loop.run_in_executor(None, call)
         future.add_done_callback(lambda f: self._fetched(link, action, f))
 
-    def _fetched(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, future: asyncio.Future[Sequence[object]]) -> None:
+    def _fetched(
+        self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, future: asyncio.Future[list[QkdKey]]
+    ) -> None:
         now = time.monotonic()
         exc = future.exception()
         if exc is None:
-            keys = [(k.key_id, k.key) for k in future.result()]  # type: ignore[attr-defined]
+            keys = [(k.key_id, k.key) for k in future.result()]
             if isinstance(action, FetchDecKeys):
                 order = {key_id: i for i, key_id in enumerate(action.key_ids)}
                 keys.sort(key=lambda kv: order.get(kv[0], len(order)))
-            link.engine.keys_fetched(action.request_id, _as_secrets(keys), now)
+            link.engine.keys_fetched(action.request_id, keys, now)
         elif isinstance(exc, KmsError):
             link.engine.keys_failed(action.request_id, str(exc), now)
         else:
@@ -380,10 +397,18 @@ class Gateway:
                 if isinstance(value, int) and not isinstance(value, bool) and key != "epoch":
                     totals[key] = totals.get(key, 0) + value
         master_rekeys = {
-            key: sum(link.engine.stats.__dict__[key] for link in self._peers if link.policy.qkd_role == "master")
+            key: sum(
+                link.engine.stats.__dict__[key] for link in self._peers if link.policy.qkd_role == "master"
+            )
             for key in ("rekeys_qkd", "rekeys_kem")
         }
-        return {"gateway": self.policy.name, **totals, **asdict(self.stats), "master": master_rekeys, "peers": peers}
+        return {
+            "gateway": self.policy.name,
+            **totals,
+            **asdict(self.stats),
+            "master": master_rekeys,
+            "peers": peers,
+        }
 
     def _write_stats(self) -> None:
         if self._stats_file is None:
@@ -394,15 +419,6 @@ class Gateway:
             tmp.replace(self._stats_file)
         except OSError as exc:
             log.warning("cannot write statistics to %s: %s", self._stats_file, exc)
-
-
-def _as_secrets(keys: Sequence[tuple[str, object]]) -> list[tuple[str, Secret]]:
-    out: list[tuple[str, Secret]] = []
-    for key_id, key in keys:
-        if not isinstance(key, Secret):
-            raise TypeError("KME client returned a key that is not a Secret")
-        out.append((key_id, key))
-    return out
 
 
 def run_gateway(policy: GatewayPolicy, *, stats_file: Path | None = None) -> None:
