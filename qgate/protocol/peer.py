@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from qgate.constants import HANDSHAKE_RETRY, HANDSHAKE_TIMEOUT, KICK_INTERVAL, AEAD_PACKET_SOFT_LIMIT
+from qgate.constants import AEAD_PACKET_SOFT_LIMIT, HANDSHAKE_RETRY, HANDSHAKE_TIMEOUT, KICK_INTERVAL
 from qgate.crypto.identity import IdentityKey, PeerPublicKey
 from qgate.crypto.kem import KemAlgorithm, KemDecapsulationKey
 from qgate.crypto.secret import Secret
@@ -208,8 +208,10 @@ class Peer:
     def next_timer(self) -> float | None:
         """Return the monotonic time of the next timer to handle, or None."""
         times = [self._next_attempt_at, self._next_ratchet_at, self._next_kem_at]
-        if self._pending is not None and self._pending.fragments:
-            times.append(self._pending.last_sent + HANDSHAKE_RETRY)
+        if self._pending is not None:
+            times.append(self._pending.started + HANDSHAKE_TIMEOUT)
+            if self._pending.fragments:
+                times.append(self._pending.last_sent + HANDSHAKE_RETRY)
         if self.config.role == "slave" and self.epochs.current is None and self.epochs.next is None:
             times.append(self._next_kick_at)
         return min((t for t in times if t is not None), default=None)
@@ -474,7 +476,6 @@ class Peer:
             raise RemoteProtocolError("M1: encapsulation key of the wrong size")
         if m1.timestamp <= self._last_peer_ts:
             raise RemoteProtocolError("M1 replayed (timestamp not newer)")
-        self._last_peer_ts = m1.timestamp
         request_id = self._new_request()
         self._inflight[request_id] = ("hs", m1, body, None)
         self._actions.append(FetchDecKeys(request_id, m1.key_ids))
@@ -503,6 +504,9 @@ class Peer:
         kind, msg, body, base = ctx
         try:
             if kind == "hs" and isinstance(msg, InitHello):
+                if msg.timestamp <= self._last_peer_ts:
+                    return  # a newer M1 was answered meanwhile
+                self._last_peer_ts = msg.timestamp  # only now: a failed dec_keys must not block resends
                 self._send_m2(msg, body, qkd, now)
             elif isinstance(msg, RatchetRequest) and base is not None:
                 self._send_r2(msg, body, base, qkd, now)
@@ -517,7 +521,14 @@ class Peer:
         mine = X25519KeyPair.generate() if cfg.x25519 else None
         components = [ss, qkd] + ([mine.exchange(m1.x25519_pub)] if mine else [])
         my_index = self._new_index()
-        m2 = RespHello(my_index, m1.sender_index, m1.epoch, self._rng(RANDOM_SIZE), ct, mine.public_bytes() if mine else b"")
+        m2 = RespHello(
+            my_index,
+            m1.sender_index,
+            m1.epoch,
+            self._rng(RANDOM_SIZE),
+            ct,
+            mine.public_bytes() if mine else b"",
+        )
         sig = self._identity.sign(ks.SIG_M2 + ks.transcript_hash(m1_bytes) + m2.signed_part())
         m2 = replace(m2, signature=sig)
         th = ks.transcript_hash(m1_bytes, m2.confirmed_part())
@@ -537,7 +548,9 @@ class Peer:
 
     def _send_r2(self, r1: RatchetRequest, r1_bytes: bytes, base: Epoch, qkd: Secret, now: float) -> None:
         """Step RK-2b: derive the next epoch from ck_n and the QKD key, install it for receiving."""
-        keys = ks.ratchet_keys(base.chaining_key, qkd, epoch=r1.epoch, request_hash=ks.transcript_hash(r1.mac_part()))
+        keys = ks.ratchet_keys(
+            base.chaining_key, qkd, epoch=r1.epoch, request_hash=ks.transcript_hash(r1.mac_part())
+        )
         r1_hash = ks.transcript_hash(r1_bytes)
         my_index = self._new_index()
         r2 = RatchetResponse(r1.sender_index, my_index, r1.epoch)
@@ -559,7 +572,9 @@ class Peer:
         if isinstance(msg, InitConfirm):
             ok = ks.mac_ok(epoch.confirm_key, ks.CONFIRM_M3, msg.confirm, epoch.confirm_context)
         else:
-            ok = ks.mac_ok(epoch.confirm_key, ks.CONFIRM_R3, msg.confirm, epoch.confirm_context, msg.confirmed_part())
+            ok = ks.mac_ok(
+                epoch.confirm_key, ks.CONFIRM_R3, msg.confirm, epoch.confirm_context, msg.confirmed_part()
+            )
         if not ok:
             raise AuthenticationError(f"{type(msg).__name__} confirmation failed")
         self._promote(now)
@@ -579,7 +594,13 @@ class Peer:
 
     # ----- shared helpers ------------------------------------------------------------
     def _make_epoch(
-        self, number: int, my_index: int, peer_index: int, keys: ks.EpochKeys, now: float, kind: str,
+        self,
+        number: int,
+        my_index: int,
+        peer_index: int,
+        keys: ks.EpochKeys,
+        now: float,
+        kind: str,
         key_ids: tuple[str, ...],
     ) -> Epoch:
         master = self.config.role == "master"
@@ -606,7 +627,9 @@ class Peer:
         if cached is None:
             return False
         msg_type, body = cached
-        self._actions.extend(SendDatagram(f) for f in fragment_message(msg_type, body, new_message_id(self._rng)))
+        self._actions.extend(
+            SendDatagram(f) for f in fragment_message(msg_type, body, new_message_id(self._rng))
+        )
         return True
 
     # ----- data ----------------------------------------------------------------------
@@ -629,7 +652,7 @@ class Peer:
         """
         opened = self.epochs.open(datagram, now)
         if opened is None:
-            if self.config.role == "slave" and self.epochs.current is None:
+            if self.config.role == "slave" and self.epochs.current is None and self.epochs.next is None:
                 self.send_kick(now)
             return None
         plaintext, epoch = opened

@@ -1,0 +1,159 @@
+"""``qgate pki`` and ``qgate kms-sim`` commands: a real KME pair as two processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qgate.cli.kms import kms_sim, pki
+from qgate.errors import KmsUnavailableError
+from qgate.kms.client import Etsi014Client
+
+RUN_KMS_SIM = "from qgate.cli.kms import kms_sim; kms_sim()"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_pki_command_writes_the_lab_pki(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    args = [
+        "--out",
+        str(out),
+        "--kme",
+        "KME_A=10.99.0.1",
+        "--kme",
+        "KME_B=10.99.0.2,fd00::2",
+        "--sae",
+        "SAE_A",
+    ]
+    result = CliRunner().invoke(pki, [*args, "--sae", "SAE_B"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"ca.pem", "KME_B.pem", "SAE_B.key", "link.secret"}
+    assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
+    again = CliRunner().invoke(pki, [*args])
+    assert again.exit_code == 1 and "overwrite" in again.output
+    assert CliRunner().invoke(pki, [*args, "--force"]).exit_code == 0
+
+
+def test_pki_command_rejects_bad_address(tmp_path: Path) -> None:
+    result = CliRunner().invoke(pki, ["--out", str(tmp_path), "--kme", "KME_A=300.1.1.1", "--sae", "SAE_A"])
+    assert result.exit_code == 1 and "invalid IP address" in result.output
+
+
+def test_kms_sim_command_rejects_bad_listen_address(tmp_path: Path) -> None:
+    CliRunner().invoke(pki, ["--out", str(tmp_path), "--kme", "KME_A", "--sae", "SAE_A"])
+    args = ["--kme-id", "KME_A", "--peer-kme-id", "KME_B", "--sae", "SAE_A", "--listen", "nowhere"]
+    files = [
+        "--ca",
+        "ca.pem",
+        "--cert",
+        "KME_A.pem",
+        "--key",
+        "KME_A.key",
+        "--link-secret-file",
+        "link.secret",
+    ]
+    result = CliRunner().invoke(kms_sim, [*args, *[str(tmp_path / f) if "." in f else f for f in files]])
+    assert result.exit_code == 2 and "IP:PORT" in result.output
+
+
+class Proc:
+    def __init__(self, argv: list[str]) -> None:
+        self.popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+
+    def stop(self) -> tuple[int, str, str]:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.popen.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            out, err = self.popen.communicate()
+        return self.popen.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+def kme_pair(tmp_path: Path) -> Iterator[tuple[Path, dict[str, int], list[Proc]]]:
+    pki_dir = tmp_path / "pki"
+    result = CliRunner().invoke(
+        pki, ["--out", str(pki_dir), "--kme", "KME_A", "--kme", "KME_B", "--sae", "SAE_A", "--sae", "SAE_B"]
+    )
+    assert result.exit_code == 0, result.output
+    ports = {"KME_A": free_port(), "KME_B": free_port()}
+    procs: list[Proc] = []
+    try:
+        for me, peer, sae, peer_sae in (
+            ("KME_A", "KME_B", "SAE_A", "SAE_B"),
+            ("KME_B", "KME_A", "SAE_B", "SAE_A"),
+        ):
+            argv = [sys.executable, "-c", RUN_KMS_SIM, "--kme-id", me, "--listen", f"127.0.0.1:{ports[me]}"]
+            argv += ["--ca", str(pki_dir / "ca.pem"), "--cert", str(pki_dir / f"{me}.pem")]
+            argv += ["--key", str(pki_dir / f"{me}.key"), "--peer-kme-id", peer]
+            argv += ["--peer-url", f"https://127.0.0.1:{ports[peer]}", "--sae", sae, "--peer-sae", peer_sae]
+            argv += ["--link-secret-file", str(pki_dir / "link.secret"), "--rate", "256000"]
+            argv += ["--max-key-count", "100", "--log-level", "debug"]
+            procs.append(Proc(argv))
+        yield pki_dir, ports, procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def client(pki_dir: Path, port: int, sae: str) -> Etsi014Client:
+    return Etsi014Client(
+        f"https://127.0.0.1:{port}",
+        ca=pki_dir / "ca.pem",
+        cert=pki_dir / f"{sae}.pem",
+        key=pki_dir / f"{sae}.key",
+        timeout=5,
+    )
+
+
+def wait_until_up(kme: Etsi014Client, slave: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            kme.status(slave)
+            return
+        except KmsUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_kms_sim_processes_serve_a_key_pair_and_stop_on_sigterm(
+    kme_pair: tuple[Path, dict[str, int], list[Proc]],
+) -> None:
+    pki_dir, ports, procs = kme_pair
+    master, slave = client(pki_dir, ports["KME_A"], "SAE_A"), client(pki_dir, ports["KME_B"], "SAE_B")
+    wait_until_up(master, "SAE_B")
+    wait_until_up(slave, "SAE_A")
+    time.sleep(0.2)  # 256000 bits/s: 200 keys/s, capped at max_key_count 100
+    assert 0 < master.status("SAE_B").stored_key_count <= 100
+    keys = master.enc_keys("SAE_B", number=4, size_bits=256)
+    assert slave.dec_keys("SAE_A", [k.key_id for k in keys]) == keys
+    secret = (pki_dir / "link.secret").read_bytes()
+    for proc in procs:
+        code, out, err = proc.stop()
+        assert code == 0, err
+        assert out == ""  # nothing on stdout
+        assert "listening on 127.0.0.1" in err and "stopped" in err
+        assert secret.hex() not in err
+        for key in keys:
+            assert key.key.reveal().hex() not in err
