@@ -70,10 +70,14 @@ def check_policy_file(path: Path) -> CheckSummary:
     policy = load_policy(path)
     summary = CheckSummary(policy)
     identity = load_identity(policy.identity)
-    summary.items.append(f"identity {policy.identity} ({identity.alg}, {identity.public_key().fingerprint()})")
+    summary.items.append(
+        f"identity {policy.identity} ({identity.alg}, {identity.public_key().fingerprint()})"
+    )
     for peer in policy.peers:
         key = load_peer_public_key(peer.public_key)
-        summary.items.append(f"peer {peer.name}: pinned key {peer.public_key} ({key.alg}, {key.fingerprint()})")
+        summary.items.append(
+            f"peer {peer.name}: pinned key {peer.public_key} ({key.alg}, {key.fingerprint()})"
+        )
     kme = policy.kme
     _readable(kme.ca, "CA certificate")
     _readable(kme.key, "SAE private key")

@@ -42,21 +42,48 @@ class Kme:
 class Pair:
     """A master and a slave joined by a lossy in-memory wire."""
 
-    def __init__(self, *, interval: float = 1.0, kem_interval: float = 4.0, max_key_age: float = 3.0,
-                 kem: str = "ml-kem-768", loss: Callable[[bytes], bool] = lambda d: False) -> None:
+    def __init__(
+        self,
+        *,
+        interval: float = 1.0,
+        kem_interval: float = 4.0,
+        max_key_age: float = 3.0,
+        kem: str = "ml-kem-768",
+        loss: Callable[[bytes], bool] = lambda d: False,
+    ) -> None:
         self.now = 0.0
         self.kme = Kme()
         self.loss = loss
         self.events: list[PeerEvent] = []
-        base = PeerConfig(name="b", role="master", my_sae="SAE_A", peer_sae="SAE_B", kem=get_kem(kem),
-                          x25519=True, qkd_bits=256, interval=interval, kem_interval=kem_interval,
-                          max_key_age=max_key_age)
+        base = PeerConfig(
+            name="b",
+            role="master",
+            my_sae="SAE_A",
+            peer_sae="SAE_B",
+            kem=get_kem(kem),
+            x25519=True,
+            qkd_bits=256,
+            interval=interval,
+            kem_interval=kem_interval,
+            max_key_age=max_key_age,
+        )
         wall = iter(range(10**9, 10**12, 1000))
-        self.master = Peer(base, identity=IDENT_M, peer_key=IDENT_S.public_key(), rng=os.urandom,
-                           wall_ns=lambda: next(wall), now=0.0)
-        self.slave = Peer(replace(base, name="a", role="slave", my_sae="SAE_B", peer_sae="SAE_A"),
-                          identity=IDENT_S, peer_key=IDENT_M.public_key(), rng=os.urandom,
-                          wall_ns=lambda: next(wall), now=0.0)
+        self.master = Peer(
+            base,
+            identity=IDENT_M,
+            peer_key=IDENT_S.public_key(),
+            rng=os.urandom,
+            wall_ns=lambda: next(wall),
+            now=0.0,
+        )
+        self.slave = Peer(
+            replace(base, name="a", role="slave", my_sae="SAE_B", peer_sae="SAE_A"),
+            identity=IDENT_S,
+            peer_key=IDENT_M.public_key(),
+            rng=os.urandom,
+            wall_ns=lambda: next(wall),
+            now=0.0,
+        )
         self.wire: list[bytes] = []
 
     def pump(self) -> None:
@@ -77,7 +104,9 @@ class Pair:
                     elif isinstance(action, FetchEncKeys | FetchDecKeys) and self.kme.down:
                         me.keys_failed(action.request_id, "KME down", self.now)
                     elif isinstance(action, FetchEncKeys):
-                        me.keys_fetched(action.request_id, self.kme.enc(action.number, action.size_bits), self.now)
+                        me.keys_fetched(
+                            action.request_id, self.kme.enc(action.number, action.size_bits), self.now
+                        )
                     elif isinstance(action, FetchDecKeys):
                         me.keys_fetched(action.request_id, self.kme.dec(action.key_ids), self.now)
                     else:
@@ -198,8 +227,14 @@ def test_key_past_max_key_age_is_never_used_when_rekeys_fail() -> None:
 def test_slave_restart_is_healed_by_a_kick_and_a_fresh_handshake() -> None:
     pair = Pair()
     pair.run(0.2)
-    fresh = Peer(pair.slave.config, identity=IDENT_S, peer_key=IDENT_M.public_key(), rng=os.urandom,
-                 wall_ns=lambda: 5 * 10**12, now=pair.now)
+    fresh = Peer(
+        pair.slave.config,
+        identity=IDENT_S,
+        peer_key=IDENT_M.public_key(),
+        rng=os.urandom,
+        wall_ns=lambda: 5 * 10**12,
+        now=pair.now,
+    )
     pair.slave = fresh
     datagram = pair.master.seal(b"to the restarted slave", pair.now)
     assert datagram is not None and fresh.open(datagram, pair.now) is None  # unknown epoch -> kick

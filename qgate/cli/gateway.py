@@ -31,7 +31,11 @@ def fail(exc: QgateError) -> None:
 
 @click.command()
 @click.argument("policy_file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--stats-file", type=click.Path(path_type=Path, dir_okay=False), help="Write counters as JSON here every second and at exit.")
+@click.option(
+    "--stats-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write counters as JSON here every second and at exit.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def up(policy_file: Path, stats_file: Path | None, log_level: str) -> None:
     """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
@@ -67,7 +71,12 @@ def check(policy_file: Path, as_json: bool) -> None:
 
 @click.command()
 @click.option("--alg", type=click.Choice(["ml-dsa-65", "ml-dsa-87"]), default="ml-dsa-65", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Private key file (the public key goes to the same name with .pub).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Private key file (the public key goes to the same name with .pub).",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def keygen(alg: str, out: Path, force: bool) -> None:
     """Write a new gateway identity (FIPS 204 ML-DSA): OUT (private, mode 0600) and OUT.pub."""

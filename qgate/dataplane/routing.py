@@ -36,14 +36,22 @@ def _addr(packet: bytes, source: bool) -> tuple[int, int] | None:
 class RouteTable(Generic[T]):
     """Longest-prefix match from IP networks to values (peers); a few dozen routes at most."""
 
-    def __init__(self, routes: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, T]] = ()) -> None:
+    def __init__(
+        self, routes: Iterable[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, T]] = ()
+    ) -> None:
         self._routes: list[tuple[int, int, int, int, T]] = []
         for network, value in routes:
             self.add(network, value)
 
     def add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, value: T) -> None:
         """Route ``network`` to ``value``."""
-        entry = (network.version, int(network.network_address), int(network.netmask), network.prefixlen, value)
+        entry = (
+            network.version,
+            int(network.network_address),
+            int(network.netmask),
+            network.prefixlen,
+            value,
+        )
         self._routes.append(entry)
         self._routes.sort(key=lambda r: -r[3])
 

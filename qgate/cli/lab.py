@@ -1,0 +1,100 @@
+"""``qgate lab run`` / ``qgate lab down``: the two-site namespace lab (thin; logic in qgate.lab)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from qgate.errors import QgateError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException("the lab needs root (network namespaces, veth, TUN)")
+
+
+@click.group()
+def lab() -> None:
+    """Two qgate sites in network namespaces on this machine (needs root)."""
+
+
+@lab.command("run")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result line last on stdout.")
+@click.option("--keep", is_flag=True, help="Keep namespaces and run dir (tear down with `qgate lab down`).")
+@click.option("--transfer-mb", type=click.FloatRange(0.1, 1000), default=20.0, show_default=True,
+              help="TCP transfer size, MB (10^6 bytes) of random bytes.")  # fmt: skip
+@click.option("--seconds", type=click.FloatRange(1, 60), default=6.0, show_default=True,
+              help="Seconds the transfer is paced over.")  # fmt: skip
+@click.option("--pings", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="Pings from host A to host B (0.2 s apart), during the transfer.")  # fmt: skip
+@click.option("--no-tunnel", is_flag=True, help="Baseline: plain IP forwarding between the sites, no qgate.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+def run(
+    as_json: bool, keep: bool, transfer_mb: float, seconds: float, pings: int, no_tunnel: bool, log_level: str
+) -> None:
+    """Build the lab, start KMEs and gateways, send traffic, capture the WAN, check it, tear down.
+
+    Exit status 0 when every check passed, 1 when one failed, 2 when the lab could not run,
+    130 when interrupted.
+    """
+    from qgate.lab import LabOptions, format_summary, run_lab
+
+    _setup_logging(log_level)
+    _need_root()
+    opts = LabOptions(transfer_mb=transfer_mb, seconds=seconds, pings=pings, tunnel=not no_tunnel, keep=keep)
+    try:
+        result = run_lab(opts)
+    except KeyboardInterrupt:
+        click.echo("lab run interrupted; torn down", err=True)
+        _emit({"ok": False, "error": "interrupted"}, as_json)
+        sys.exit(130)
+    except (QgateError, OSError) as exc:
+        click.echo(f"lab run failed: {exc}", err=True)
+        _emit({"ok": False, "error": str(exc)}, as_json)
+        sys.exit(2)
+    click.echo(format_summary(result), err=True)
+    _emit(result, as_json)
+    sys.exit(0 if result.get("ok") else 1)
+
+
+def _emit(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, separators=(",", ":"), default=str) + "\n")
+        sys.stdout.flush()
+
+
+@lab.command("down")
+@click.argument("run_id", required=False)
+@click.option("--all", "all_runs", is_flag=True, help="Tear down every lab run found (qg<6 hex><role>).")
+def down(run_id: str | None, all_runs: bool) -> None:
+    """Tear down a lab run kept with --keep: processes, namespaces, run directory."""
+    from qgate.lab import lab_down
+    from qgate.lab_net import lab_namespaces
+
+    _need_root()
+    if all_runs:
+        run_ids = sorted({name[2:8] for name in lab_namespaces()})
+    elif run_id:
+        run_ids = [run_id]
+    else:
+        raise click.UsageError("give a RUN_ID or --all")
+    problems: list[str] = []
+    try:
+        for rid in run_ids:
+            problems += lab_down(rid)
+            click.echo(f"lab {rid} torn down", err=True)
+    except QgateError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if problems:
+        raise click.ClickException("; ".join(problems))

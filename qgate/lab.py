@@ -1,0 +1,501 @@
+"""``qgate lab run``: two qgate sites in network namespaces, real traffic, a WAN capture, a verdict.
+
+A :class:`Lab` owns one run: the topology (:mod:`qgate.lab_net`), the run directory
+(:mod:`qgate.lab_setup`) and every child process (:mod:`qgate.lab_procs`). Leaving its ``with``
+block (normally, on an exception, on Ctrl-C or SIGTERM) stops all children and deletes the
+namespaces, unless ``keep`` is set. :func:`run_lab` is the acceptance run: KMEs, gateways,
+tunnel wait, ping + paced TCP transfer with SHA-256 on both ends, gateway stats, and the WAN
+pcap analysis (:mod:`qgate.lab_pcap`). ``tunnel=False`` runs the same traffic over plain IP
+forwarding (the bare-veth baseline), where the analysis must find the plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Final
+
+from qgate import lab_net as net
+from qgate import lab_setup as setup
+from qgate.lab_pcap import PayloadIndex, WanReport, analyse_wan
+from qgate.lab_procs import Child, Children, LabError, wait_until
+from qgate.lab_traffic import PingResult, parse_ping
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_ROOT: Final = Path(tempfile.gettempdir())
+"""Where run directories go (``<tmp>/qgate-lab-<run id>``, mode 0700, never reused)."""
+TRAFFIC_PORT: Final = 5001
+TUNNEL_TIMEOUT: Final = 25.0
+"""Seconds to wait for the first ping through the tunnel."""
+KME_TIMEOUT: Final = 15.0
+"""Seconds to wait for both KMEs to listen."""
+PING_PATTERN_SIZE: Final = 16
+"""Bytes of random ``ping -p`` pattern, so ping payload is recognisable in the capture."""
+
+
+def run_dir_of(run_id: str) -> Path:
+    """Return the run directory of ``run_id``: ``/tmp/qgate-lab-<run_id>``."""
+    return RUN_DIR_ROOT / f"qgate-lab-{run_id}"
+
+
+_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None
+
+
+class LabInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived during a lab run (handled like Ctrl-C: tear down, exit)."""
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise LabInterrupted(f"signal {signal.Signals(signum).name}")
+
+
+def _ignore(signum: int, _frame: FrameType | None) -> None:
+    log.warning("signal %s during teardown ignored; teardown continues", signal.Signals(signum).name)
+
+
+class Lab:
+    """One lab run: topology, run dir and children; a context manager that always cleans up.
+
+    Attributes:
+        topo: namespace and link names.
+        run_dir: the run directory.
+        tunnel: whether qgate carries the traffic (else plain IP forwarding).
+        keep: leave namespaces and run dir in place at exit (processes are still stopped).
+        children: every started child process.
+    """
+
+    def __init__(self, *, tunnel: bool = True, keep: bool = False, run_id: str | None = None) -> None:
+        self.topo = net.Topology(run_id or net.new_run_id())
+        self.run_dir = run_dir_of(self.topo.run_id)
+        self.tunnel = tunnel
+        self.keep = keep
+        self.children: Children | None = None  # made in __enter__, with the run dir
+        self._signals: dict[int, _Handler] = {}
+        self._failed = False
+
+    def __enter__(self) -> Lab:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._signals[sig] = signal.signal(sig, _raise_interrupted)
+        try:
+            self.run_dir.mkdir(mode=0o700)
+            self.children = Children(self.run_dir / "logs")
+            net.create_topology(self.topo, routed=not self.tunnel)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        previous = {
+            sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
+        try:
+            interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+            self._teardown(failed=(exc_type is not None and not interrupted) or self._failed)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for signum, old in self._signals.items():
+                signal.signal(signum, old)
+
+    def _teardown(self, *, failed: bool) -> None:
+        if self.children is not None:
+            if failed:
+                self.children.dump_logs()
+            self.children.stop_all()
+        if self.keep:
+            sys.stderr.write(
+                f"lab {self.topo.run_id} kept: namespaces {' '.join(self.topo.namespaces)}, "
+                f"run dir {self.run_dir}\ntear down with: qgate lab down {self.topo.run_id}\n"
+            )
+            return
+        for problem in net.destroy_topology(self.topo):
+            log.error("teardown: %s", problem)
+        if failed:
+            sys.stderr.write(f"lab run dir kept for inspection: {self.run_dir}\n")
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def mark_failed(self) -> None:
+        """Record that the run failed its checks: keep the run dir and print child logs at exit."""
+        self._failed = True
+
+    @property
+    def kids(self) -> Children:
+        """The children set (only valid inside the ``with`` block)."""
+        if self.children is None:
+            raise LabError("lab not entered")
+        return self.children
+
+    def start(self, name: str, role: str, argv: list[str], *, pipe_stdout: bool = False) -> Child:
+        """Start ``argv`` as child ``name`` in the namespace of ``role`` (``ha``/``ga``/``gb``/``hb``)."""
+        return self.kids.start(name, self.topo.ns(role), argv, pipe_stdout=pipe_stdout)
+
+    def run(self, role: str, argv: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` to completion in ``role``'s namespace; output captured (never on our stdout).
+
+        Raises:
+            LabError: it did not finish within ``timeout`` seconds.
+        """
+        try:
+            return subprocess.run(
+                net.ns_argv(self.topo.ns(role), argv),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{argv[0]} in {role} did not finish within {timeout:.0f} s") from exc
+
+    # --- pieces of a qgate run --------------------------------------------------------------
+
+    def start_capture(self) -> Child:
+        """Start tcpdump on gateway A's WAN link (all IPv4) into ``<run>/wan-a.pcap``; wait for it."""
+        pcap = self.run_dir / "wan-a.pcap"
+        argv = ["tcpdump", "-i", self.topo.wan_a, "-n", "-U", "-s", "0", "-B", "8192", "-Z", "root",
+                "-w", str(pcap), "ip"]  # fmt: skip
+        child = self.start("tcpdump", "ga", argv)
+
+        def listening() -> bool:
+            self.kids.check_alive(child)
+            return "listening on" in child.tail()
+
+        wait_until("tcpdump to listen", listening, timeout=10)
+        return child
+
+    def start_kmes(self) -> None:
+        """Start both KME simulators (one per gateway namespace) and wait until both listen."""
+        for site, role in (("a", "ga"), ("b", "gb")):
+            self.start(f"kme-{site}", role, setup.kms_sim_argv(sys.executable, self.run_dir, site))
+        kmes = [c for c in self.kids.items if c.name.startswith("kme-")]
+
+        def listening() -> bool:
+            for child in kmes:
+                self.kids.check_alive(child)
+            return all(listens(self.topo.ns(role), setup.KME_PORT) for role in ("ga", "gb"))
+
+        wait_until("both KMEs to listen on port 8443", listening, timeout=KME_TIMEOUT)
+
+    def start_qgate(self, *, rekey: dict[str, float] | None = None) -> list[Child]:
+        """Write PKI, identities and policies, start both KMEs, then both gateways; return the gateways.
+
+        Args:
+            rekey: rekey timing to force into both policies (seconds), else the template's.
+        """
+        setup.make_pki_and_identities(self.run_dir)
+        setup.write_policies(self.run_dir, rekey=rekey)
+        self.start_kmes()
+        return self.start_gateways()
+
+    def start_gateways(self) -> list[Child]:
+        """Start gateway B (slave) then A (master) with ``qgate up``; return them."""
+        return [
+            self.start(f"gateway-{site}", role, setup.gateway_argv(sys.executable, self.run_dir, site))
+            for site, role in (("b", "gb"), ("a", "ga"))
+        ]
+
+    def wait_path(self, watch: list[Child], timeout: float = TUNNEL_TIMEOUT) -> float:
+        """Ping host B from host A once a second until one answers; return the seconds waited.
+
+        Raises:
+            LabError: no answer within ``timeout`` seconds, or a watched child exited.
+        """
+        start = time.monotonic()
+
+        def answered() -> bool:
+            for child in watch:
+                self.kids.check_alive(child)
+            return self.run("ha", ["ping", "-c", "1", "-W", "1", net.HOST_B], timeout=5).returncode == 0
+
+        wait_until(f"a ping from host A to {net.HOST_B}", answered, timeout=timeout, interval=0.2)
+        return round(time.monotonic() - start, 2)
+
+
+def listens(ns: str, port: int) -> bool:
+    """Return whether a TCP socket listens on ``port`` in namespace ``ns`` (``ss -N``)."""
+    proc = subprocess.run(
+        ["ss", "-N", ns, "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=5, check=False
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
+
+
+def read_json_line(child: Child, timeout: float) -> dict[str, object]:
+    """Read one JSON line from a child's stdout pipe within ``timeout`` seconds.
+
+    Raises:
+        LabError: timeout, end of output, or a line that is not a JSON object.
+    """
+    stream = child.proc.stdout
+    if stream is None:
+        raise LabError(f"{child.name} has no stdout pipe")
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise LabError(f"no output from {child.name} within {timeout:.0f} s")
+    line = stream.readline()
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise LabError(f"{child.name} printed {line[:200]!r}, not JSON:\n{child.tail()}") from exc
+    if not isinstance(obj, dict):
+        raise LabError(f"{child.name} printed {line[:200]!r}, not a JSON object")
+    return obj
+
+
+def read_stats(path: Path) -> dict[str, object]:
+    """Return a gateway stats file's JSON object, or {} when missing or half-written."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def fresh_stats(path: Path, timeout: float = 2.5) -> dict[str, object]:
+    """Wait (at most ``timeout`` s) until the gateway rewrites its stats file, then read it."""
+    try:
+        before = path.stat().st_mtime_ns
+    except OSError:
+        before = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if path.stat().st_mtime_ns != before:
+                time.sleep(0.01)
+                break
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return read_stats(path)
+
+
+@dataclass
+class Traffic:
+    """Results of the ping and TCP transfer between host A and host B."""
+
+    ping: PingResult
+    sent: dict[str, object]
+    received: dict[str, object]
+
+
+def run_traffic(lab: Lab, payload_path: Path, *, seconds: float, pattern: bytes, pings: int) -> Traffic:
+    """Ping host B from host A while sending ``payload_path`` to host B paced over ``seconds``.
+
+    Raises:
+        LabError: a traffic process failed or timed out.
+    """
+    traffic = [sys.executable, "-m", "qgate.lab_traffic"]
+    receiver = lab.start("receiver", "hb", [*traffic, "recv", "--listen", f"{net.HOST_B}:{TRAFFIC_PORT}"],
+                         pipe_stdout=True)  # fmt: skip
+    read_json_line(receiver, timeout=10)
+    ping_argv = ["ping", "-n", "-c", str(pings), "-i", "0.2", "-W", "2", "-p", pattern.hex(), net.HOST_B]
+    ping = lab.start("ping", "ha", ping_argv, pipe_stdout=True)
+    sender = lab.start("sender", "ha", [*traffic, "send", "--to", f"{net.HOST_B}:{TRAFFIC_PORT}",
+                                        "--file", str(payload_path), "--seconds", str(seconds)],
+                       pipe_stdout=True)  # fmt: skip
+    limit = seconds + 30
+    sent = read_json_line(sender, timeout=limit)
+    received = read_json_line(receiver, timeout=10)
+    assert ping.proc.stdout is not None
+    try:
+        ping_out, _ = ping.proc.communicate(timeout=pings * 0.2 + 10)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError("ping did not finish") from exc
+    return Traffic(parse_ping(ping_out.decode(errors="replace")), sent, received)
+
+
+def _counter(stats: dict[str, object], key: str) -> int:
+    value = stats.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+def _drops(stats: dict[str, object]) -> dict[str, int]:
+    return {k: v for k, v in stats.items() if k.startswith("drops") and isinstance(v, int)}
+
+
+def _tcpdump_dropped(child: Child | None) -> int | None:
+    if child is None:
+        return None
+    match = re.search(r"(\d+) packets? dropped by kernel", child.tail(60))
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class LabOptions:
+    """Options of one ``qgate lab run`` (sizes in MB = 10^6 bytes, times in seconds)."""
+
+    transfer_mb: float = 20.0
+    seconds: float = 6.0
+    pings: int = 20
+    tunnel: bool = True
+    keep: bool = False
+
+
+def run_lab(opts: LabOptions) -> dict[str, object]:
+    """Run the acceptance lab and return the result mapping (see :func:`summarise`).
+
+    Raises:
+        LabError, DataPlaneError, QgateError: the lab could not run (not a failed check: those
+            show as ``ok: false`` in the result).
+    """
+    started = time.monotonic()
+    with Lab(tunnel=opts.tunnel, keep=opts.keep) as lab:
+        result = _run_inside(lab, opts)  # an exception marks the run failed in Lab.__exit__
+        if not result["ok"]:
+            lab.mark_failed()
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
+    payload = setup.write_payload(lab.run_dir, int(opts.transfer_mb * 1_000_000))
+    pattern = secrets.token_bytes(PING_PATTERN_SIZE)
+    capture = lab.start_capture()
+    watch = lab.start_qgate() if lab.tunnel else []
+    waited = lab.wait_path(watch)
+    before = {s: fresh_stats(lab.run_dir / f"stats-{s}.json") for s in ("a", "b")} if lab.tunnel else {}
+    traffic = run_traffic(lab, lab.run_dir / "payload.bin", seconds=opts.seconds, pattern=pattern,
+                          pings=opts.pings)  # fmt: skip
+    final: dict[str, dict[str, object]] = {}
+    for child in watch:
+        site = child.name[-1]
+        code = lab.kids.stop(child)
+        final[site] = read_stats(lab.run_dir / f"stats-{site}.json")
+        final[site]["exit_status"] = code
+    lab.kids.stop(capture, signal.SIGINT)
+    for child in lab.kids.items:
+        lab.kids.stop(child)
+    index = PayloadIndex()
+    index.add_payload(payload)
+    index.add_pattern(pattern)
+    classify = _classifier() if lab.tunnel else None
+    report = analyse_wan(lab.run_dir / "wan-a.pcap", endpoints=(net.GW_A_WAN, net.GW_B_WAN),
+                         classify=classify, index=index)  # fmt: skip
+    return summarise(lab, traffic, report, before, final, waited=waited, dropped=_tcpdump_dropped(capture))
+
+
+def _classifier() -> Callable[[bytes], str | None]:
+    from qgate.protocol.wire import classify_datagram
+
+    return classify_datagram
+
+
+def summarise(
+    lab: Lab,
+    traffic: Traffic,
+    report: WanReport,
+    before: dict[str, dict[str, object]],
+    final: dict[str, dict[str, object]],
+    *,
+    waited: float,
+    dropped: int | None,
+) -> dict[str, object]:
+    """Build the result mapping (JSON-ready) and its acceptance checks.
+
+    Keys: ``ping_loss_pct``, ``tcp_bytes_sent``, ``tcp_bytes_received``, ``sha256_match``,
+    ``rekeys_qkd`` and ``rekeys_kem`` (master's counters during the transfer), ``wan_datagrams``,
+    ``wan_plaintext_hits``, and detail (``wan_kinds``, ``wan_unparsed``, gateway drop counters
+    in total and during the traffic, ``checks`` and ``ok``).
+    """
+    master, start = final.get("a", {}), before.get("a", {})
+    result: dict[str, object] = {
+        "run_id": lab.topo.run_id,
+        "mode": "qgate" if lab.tunnel else "baseline",
+        "tunnel_wait_s": waited,
+        "ping_loss_pct": traffic.ping.loss_pct,
+        "ping_rtt_p50_ms": traffic.ping.percentile_ms(50),
+        "tcp_bytes_sent": traffic.sent.get("bytes"),
+        "tcp_bytes_received": traffic.received.get("bytes"),
+        "tcp_seconds": traffic.sent.get("seconds"),
+        "sha256_match": traffic.sent.get("sha256") is not None
+        and traffic.sent.get("sha256") == traffic.received.get("sha256"),
+        "rekeys_qkd": _counter(master, "rekeys_qkd") - _counter(start, "rekeys_qkd") if lab.tunnel else 0,
+        "rekeys_kem": _counter(master, "rekeys_kem") - _counter(start, "rekeys_kem") if lab.tunnel else 0,
+        "rekeys_qkd_total": _counter(master, "rekeys_qkd"),
+        "rekeys_kem_total": _counter(master, "rekeys_kem"),
+        "wan_frames": report.frames,
+        "wan_datagrams": report.datagrams,
+        "wan_kinds": dict(report.kinds),
+        "wan_unparsed": report.unparsed,
+        "wan_other_packets": report.other_packets,
+        "wan_ip_fragments": report.ip_fragments,
+        "wan_plaintext_hits": report.plaintext_hits,
+        "pcap_dropped_by_kernel": dropped,
+        "gateway_drops": {s: _drops(st) for s, st in final.items()},
+        "gateway_drops_during_traffic": {
+            s: {k: v - _drops(before.get(s, {})).get(k, 0) for k, v in _drops(st).items()}
+            for s, st in final.items()
+        },
+        "gateway_exit_status": {s: st.get("exit_status") for s, st in final.items()},
+    }
+    checks = _checks(result, tunnel=lab.tunnel)
+    result["checks"] = checks
+    result["ok"] = all(checks.values())
+    return result
+
+
+def _checks(r: dict[str, object], *, tunnel: bool) -> dict[str, bool]:
+    checks = {
+        "ping_no_loss": r["ping_loss_pct"] == 0,
+        "sha256_match": r["sha256_match"] is True,
+        "transfer_complete": r["tcp_bytes_received"] == r["tcp_bytes_sent"],
+    }
+    if tunnel:
+        checks.update(
+            rekeys_qkd_ge_3=int(str(r["rekeys_qkd"])) >= 3,
+            rekeys_kem_ge_1=int(str(r["rekeys_kem"])) >= 1,
+            wan_all_qgate=r["wan_unparsed"] == 0 and int(str(r["wan_datagrams"])) > 0,
+            wan_no_plaintext=r["wan_plaintext_hits"] == 0,
+            no_ip_fragments=r["wan_ip_fragments"] == 0,
+        )
+    else:
+        checks["baseline_plaintext_seen"] = int(str(r["wan_plaintext_hits"])) > 0
+    return checks
+
+
+def lab_down(run_id: str) -> list[str]:
+    """Tear down a kept lab run: kill its processes, delete its namespaces and run directory.
+
+    Returns:
+        Problems met (empty when all went).
+
+    Raises:
+        LabError: ``run_id`` is not 6 hex characters.
+    """
+    if not net.RUN_ID_RE.match(run_id):
+        raise LabError(f"run id {run_id!r} is not 6 lowercase hex characters")
+    problems = net.destroy_topology(net.Topology(run_id))
+    run_dir = run_dir_of(run_id)
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return problems
+
+
+def format_summary(result: dict[str, object]) -> str:
+    """Return a human summary of a result (for stderr), one item per line."""
+    verdict = "OK" if result.get("ok") else "FAILED"
+    lines = [f"qgate lab run {result.get('run_id')} ({result.get('mode')}): {verdict}"]
+    skip = {"checks", "run_id", "mode", "ok"}
+    lines += [f"  {k:24} {v}" for k, v in result.items() if k not in skip]
+    checks = result.get("checks")
+    if isinstance(checks, dict):
+        lines += [f"  check {k:18} {'pass' if v else 'FAIL'}" for k, v in checks.items()]
+    return "\n".join(lines)
