@@ -383,7 +383,7 @@ class Peer:
         if p is None or p.kind != "hs" or p.dk is None or m2.receiver_index != p.my_index:
             self._resend_answer(ks.transcript_hash(m2.encode()))
             return
-        self._peer_key.verify(m2.signature, ks.SIG_M2 + ks.transcript_hash(p.m1) + m2.signed_part())
+        self._verify("M2", m2.signature, ks.SIG_M2 + ks.transcript_hash(p.m1) + m2.signed_part())
         if len(m2.ct) != self.config.kem.ciphertext_size:
             raise RemoteProtocolError("M2: ciphertext of the wrong size")
         components = [p.dk.decapsulate(m2.ct)]
@@ -444,7 +444,7 @@ class Peer:
         """Step HS-K: a verified Kick from the slave starts a fresh handshake."""
         if kick.master_sae != self.config.my_sae or kick.slave_sae != self.config.peer_sae:
             raise AuthenticationError("Kick names other SAEs")
-        self._peer_key.verify(kick.signature, ks.SIG_KICK + kick.signed_part())
+        self._verify("Kick", kick.signature, ks.SIG_KICK + kick.signed_part())
         if kick.timestamp <= self._last_peer_ts:
             raise RemoteProtocolError("Kick replayed (timestamp not newer)")
         self._last_peer_ts = kick.timestamp
@@ -469,7 +469,7 @@ class Peer:
             return
         if m1.master_sae != cfg.peer_sae or m1.slave_sae != cfg.my_sae:
             raise AuthenticationError(f"M1 names SAEs {m1.master_sae!r} -> {m1.slave_sae!r}")
-        self._peer_key.verify(m1.signature, ks.SIG_M1 + m1.signed_part())
+        self._verify("M1", m1.signature, ks.SIG_M1 + m1.signed_part())
         if m1.kem_id != KEM_IDS[cfg.kem.name] or m1.x25519 != cfg.x25519 or m1.qkd_bits != cfg.qkd_bits:
             raise RemoteProtocolError("M1 algorithms differ from this side's policy")
         if len(m1.ek) != cfg.kem.encapsulation_key_size:
@@ -593,6 +593,16 @@ class Peer:
             self._event("ratchet_complete", epoch=epoch.number, key_ids=",".join(epoch.key_ids))
 
     # ----- shared helpers ------------------------------------------------------------
+    def _verify(self, what: str, signature: bytes, message: bytes) -> None:
+        """Check a peer signature against the pinned key (FIPS 204 ML-DSA.Verify)."""
+        try:
+            self._peer_key.verify(signature, message)
+        except AuthenticationError as exc:
+            raise AuthenticationError(
+                f"{what} signature does not verify with the pinned public key of peer {self.config.name} "
+                f"(fingerprint {self._peer_key.fingerprint()}): the peer holds another identity key"
+            ) from exc
+
     def _make_epoch(
         self,
         number: int,

@@ -1,0 +1,132 @@
+"""Gateways in the namespace lab facing bad input: wrong identities, a foreign CA, a KME down, junk UDP.
+
+Each test builds its own lab (unique ``qg`` namespaces, removed on every path) and runs real
+``qgate up`` and ``qgate kms-sim`` processes; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qgate import lab_net as net
+from qgate import lab_setup as setup
+from qgate.keyfiles import write_identity
+from qgate.lab import Lab, read_stats
+from qgate.lab_procs import Child
+from qgate.pki import make_pki
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+def _prepare(lab: Lab) -> None:
+    setup.make_pki_and_identities(lab.run_dir)
+    setup.write_policies(lab.run_dir)
+
+
+def _ping(lab: Lab, count: int = 1) -> bool:
+    argv = ["ping", "-c", str(count), "-i", "0.2", "-W", "1", net.HOST_B]
+    return lab.run("ha", argv, timeout=5 + count).returncode == 0
+
+
+def _wait_for(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _log(child: Child) -> str:
+    return child.tail(400)
+
+
+def test_wrong_pinned_peer_identity_keeps_the_tunnel_down_with_a_clear_error(tmp_path: Path) -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        _, other_pub = write_identity(tmp_path / "impostor.key", "ml-dsa-65")
+        shutil.copy(other_pub, lab.run_dir / "keys" / "site-b.pub")  # site A now pins a key B does not hold
+        lab.start_kmes()
+        gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: "authentication_failed" in _log(gw_a), timeout=15), _log(gw_a)
+        assert not _ping(lab)
+        assert "M2" in _log(gw_a) and "Traceback" not in _log(gw_a) + _log(gw_b)
+        stats = read_stats(lab.run_dir / "stats-a.json")
+        assert stats.get("auth_failures", 0) >= 1
+        assert stats.get("handshakes") == 0
+
+
+def test_sae_certificate_from_another_ca_keeps_the_tunnel_down_with_a_clear_error(tmp_path: Path) -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        make_pki(tmp_path / "rogue", kmes={"KME_X": []}, saes=["SAE_A"])
+        for suffix in (".pem", ".key"):
+            shutil.copy(tmp_path / "rogue" / f"SAE_A{suffix}", lab.run_dir / "pki" / f"SAE_A{suffix}")
+        lab.start_kmes()
+        gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: "qkd_request_failed" in _log(gw_a), timeout=15), _log(gw_a)
+        assert not _ping(lab)
+        log_a = _log(gw_a)
+        assert "TLS" in log_a or "certificate" in log_a, log_a
+        assert "Traceback" not in log_a + _log(gw_b)
+        assert read_stats(lab.run_dir / "stats-a.json").get("handshakes") == 0
+
+
+def test_kme_down_at_start_is_retried_and_junk_udp_is_counted_and_dropped() -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        gw_b, gw_a = lab.start_gateways()  # no KME yet
+        assert _wait_for(lambda: "qkd_request_failed" in _log(gw_a), timeout=15), _log(gw_a)
+        lab.kids.check_alive(gw_a)
+        assert "Traceback" not in _log(gw_a)
+        assert "retry" in _log(gw_a)
+        lab.start_kmes()
+        assert _wait_for(lambda: _ping(lab), timeout=25), _log(gw_a)
+
+        junk = (
+            "import os, socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(200):\n"
+            "    s.sendto(os.urandom(1 + i * 7 % 1400), ('10.99.0.1', 51820))\n"
+        )
+        lab.run("ha", [sys.executable, "-c", junk], timeout=20)
+        assert _wait_for(
+            lambda: (
+                sum(
+                    int(read_stats(lab.run_dir / "stats-a.json").get(k, 0))  # type: ignore[call-overload]
+                    for k in (
+                        "rx_not_qgate",
+                        "rx_unknown_source",
+                        "rx_unknown_index",
+                        "drops_malformed",
+                        "malformed_messages",
+                        "drops_unknown_index",
+                        "drops_auth",
+                    )
+                )
+                >= 200
+            ),
+            timeout=5,
+        ), read_stats(lab.run_dir / "stats-a.json")
+        lab.kids.check_alive(gw_a)
+        assert _ping(lab, count=5)
+
+
+def test_gateway_removes_its_tun_device_and_routes_on_sigterm() -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        lab.start_kmes()
+        gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: _ping(lab), timeout=25)
+        ns = lab.topo.ns("ga")
+        assert "qgtun0" in subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
+        assert lab.kids.stop(gw_a) == 0
+        assert "qgtun0" not in subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
+        routes = subprocess.run(["ip", "-n", ns, "route"], capture_output=True, text=True).stdout
+        assert "10.2.0.0/24" not in routes
