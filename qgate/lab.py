@@ -75,14 +75,24 @@ class Lab:
         run_dir: the run directory.
         tunnel: whether qgate carries the traffic (else plain IP forwarding).
         keep: leave namespaces and run dir in place at exit (processes are still stopped).
+        keep_run_dir_on_failure: keep the run dir (logs, pcap) when the run failed or raised
+            (not on Ctrl-C/SIGTERM); tests that expect failures may set it False.
         children: every started child process.
     """
 
-    def __init__(self, *, tunnel: bool = True, keep: bool = False, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tunnel: bool = True,
+        keep: bool = False,
+        run_id: str | None = None,
+        keep_run_dir_on_failure: bool = True,
+    ) -> None:
         self.topo = net.Topology(run_id or net.new_run_id())
         self.run_dir = run_dir_of(self.topo.run_id)
         self.tunnel = tunnel
         self.keep = keep
+        self.keep_run_dir_on_failure = keep_run_dir_on_failure
         self.children: Children | None = None  # made in __enter__, with the run dir
         self._signals: dict[int, _Handler] = {}
         self._failed = False
@@ -127,7 +137,7 @@ class Lab:
             return
         for problem in net.destroy_topology(self.topo):
             log.error("teardown: %s", problem)
-        if failed:
+        if failed and self.keep_run_dir_on_failure:
             sys.stderr.write(f"lab run dir kept for inspection: {self.run_dir}\n")
         else:
             shutil.rmtree(self.run_dir, ignore_errors=True)
