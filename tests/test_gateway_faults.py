@@ -81,7 +81,7 @@ def test_sae_certificate_from_another_ca_keeps_the_tunnel_down_with_a_clear_erro
 def test_kme_down_at_start_is_retried_and_junk_udp_is_counted_and_dropped() -> None:
     with Lab() as lab:
         _prepare(lab)
-        gw_b, gw_a = lab.start_gateways()  # no KME yet
+        _gw_b, gw_a = lab.start_gateways()  # no KME yet
         assert _wait_for(lambda: "qkd_request_failed" in _log(gw_a), timeout=15), _log(gw_a)
         lab.kids.check_alive(gw_a)
         assert "Traceback" not in _log(gw_a)
@@ -122,7 +122,7 @@ def test_gateway_removes_its_tun_device_and_routes_on_sigterm() -> None:
     with Lab() as lab:
         _prepare(lab)
         lab.start_kmes()
-        gw_b, gw_a = lab.start_gateways()
+        _gw_b, gw_a = lab.start_gateways()
         assert _wait_for(lambda: _ping(lab), timeout=25)
         ns = lab.topo.ns("ga")
         assert "qgtun0" in subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
