@@ -69,10 +69,14 @@ def write_identity(out: Path, alg: str, *, force: bool = False) -> tuple[Path, P
     if public_path == out:
         raise ConfigError(f"{out}: the private key path must not end in {PUBLIC_SUFFIX}")
     key = IdentityKey.generate(alg)
+    try:
+        out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out.parent}: cannot create directory: {exc.strerror}") from exc
     if not force:
         for path in (out, public_path):
             if path.exists():
-                raise ConfigError(f"{path}: exists; refusing to overwrite (use force)")
+                raise ConfigError(f"{path}: exists; refusing to overwrite (use --force)")
     _write_file(out, key.to_pem(), PRIVATE_KEY_MODE, force=force)
     _write_file(public_path, key.public_key().to_pem(), PUBLIC_KEY_MODE, force=force)
     logger.info("wrote %s identity %s to %s", alg, key.public_key().fingerprint(), out)
