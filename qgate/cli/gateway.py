@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import click
 
+from qgate.cli.common import LOG_LEVELS, fail, setup_logging
 from qgate.errors import QgateError
-
-LOG_LEVELS = ["debug", "info", "warning", "error"]
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr, one line per record, at ``level``."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def fail(exc: QgateError) -> None:
-    """Print a QgateError for the operator and exit with status 1."""
-    click.echo(f"qgate: error: {exc}", err=True)
-    sys.exit(1)
 
 
 @click.command()

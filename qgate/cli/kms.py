@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
-import sys
 from pathlib import Path
 
 import click
 
+from qgate.cli.common import LOG_LEVELS, fail, setup_logging
 from qgate.errors import QgateError
 
-_LOG_LEVELS = ["debug", "info", "warning", "error"]
 _FILE = click.Path(path_type=Path, dir_okay=False, exists=True, readable=True)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _fail(exc: BaseException) -> None:
-    click.echo(f"qgate: error: {exc}", err=True)
-    sys.exit(1)
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -116,7 +101,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
     multiple=True,
     help="An SAE ID attached to the peer KME (repeat; default: ask the peer).",
 )
-@click.option("--log-level", type=click.Choice(_LOG_LEVELS), default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def kms_sim(
     kme_id: str,
     listen: str,
@@ -144,7 +129,7 @@ def kms_sim(
     from qgate.kms.sim_server import run_kme
     from qgate.kms.simulator import KmeConfig
 
-    _setup_logging(log_level)
+    setup_logging(log_level)
     address = _parse_listen(listen)
     try:
         config = KmeConfig(
@@ -165,7 +150,7 @@ def kms_sim(
         )
         run_kme(config, listen=address, ca=ca, cert=cert, key=key, peer_url=peer_url)
     except (QgateError, OSError) as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @click.command("pki")
@@ -194,6 +179,6 @@ def pki(out: Path, kmes: tuple[str, ...], saes: tuple[str, ...], force: bool) ->
     try:
         make_pki(out, kmes=kme_map, saes=list(saes), force=force)
     except QgateError as exc:
-        _fail(exc)
+        fail(exc)
         return
     click.echo(f"lab PKI written to {out}: KMEs {', '.join(kme_map)}; SAEs {', '.join(saes)}", err=True)

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 import click
 
+from qgate.cli.common import setup_logging
 from qgate.errors import QgateError
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 def _need_root() -> None:
@@ -50,7 +44,7 @@ def run(
     """
     from qgate.lab import LabOptions, format_summary, run_lab
 
-    _setup_logging(log_level)
+    setup_logging(log_level)
     _need_root()
     opts = LabOptions(transfer_mb=transfer_mb, seconds=seconds, pings=pings, tunnel=not no_tunnel, keep=keep)
     try:

@@ -23,7 +23,7 @@ machine's job (``qgate.protocol.peer``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Self
 
 from qgate.constants import CONFIRM_SIZE, PROTOCOL_VERSION
 from qgate.errors import RemoteProtocolError
@@ -166,10 +166,11 @@ class RespHello:
 
 
 @dataclass(frozen=True)
-class InitConfirm:
-    """M3: the master's key confirmation; the slave may send on the new epoch after it."""
+class _Confirm:
+    """Layout shared by M3 and R3: version, receiver_index(4), epoch(4), confirm(32)."""
 
-    TYPE: ClassVar[int] = 3
+    TYPE: ClassVar[int] = 0
+    NAME: ClassVar[str] = ""
     receiver_index: int
     epoch: int
     confirm: bytes = bytes(CONFIRM_SIZE)
@@ -183,13 +184,21 @@ class InitConfirm:
         return self.confirmed_part() + self.confirm
 
     @classmethod
-    def parse(cls, data: bytes) -> InitConfirm:
-        """Parse M3; raise ``RemoteProtocolError`` if malformed."""
-        r = Reader(data, "M3")
+    def parse(cls, data: bytes) -> Self:
+        """Parse the message; raise ``RemoteProtocolError`` if malformed."""
+        r = Reader(data, cls.NAME)
         _version(r)
         msg = cls(r.u32("receiver_index"), r.u32("epoch"), r.fixed(CONFIRM_SIZE, "confirm"))
         r.end()
         return msg
+
+
+@dataclass(frozen=True)
+class InitConfirm(_Confirm):
+    """M3: the master's key confirmation; the slave may send on the new epoch after it."""
+
+    TYPE: ClassVar[int] = 3
+    NAME: ClassVar[str] = "M3"
 
 
 @dataclass(frozen=True)
@@ -259,30 +268,11 @@ class RatchetResponse:
 
 
 @dataclass(frozen=True)
-class RatchetConfirm:
+class RatchetConfirm(_Confirm):
     """R3: the master switched to the new epoch; the slave may send on it."""
 
     TYPE: ClassVar[int] = 6
-    receiver_index: int
-    epoch: int
-    confirm: bytes = bytes(CONFIRM_SIZE)
-
-    def confirmed_part(self) -> bytes:
-        """Return the encoding of every field before ``confirm``."""
-        return Writer().u8(PROTOCOL_VERSION).u32(self.receiver_index).u32(self.epoch).getvalue()
-
-    def encode(self) -> bytes:
-        """Return the full message."""
-        return self.confirmed_part() + self.confirm
-
-    @classmethod
-    def parse(cls, data: bytes) -> RatchetConfirm:
-        """Parse R3; raise ``RemoteProtocolError`` if malformed."""
-        r = Reader(data, "R3")
-        _version(r)
-        msg = cls(r.u32("receiver_index"), r.u32("epoch"), r.fixed(CONFIRM_SIZE, "confirm"))
-        r.end()
-        return msg
+    NAME: ClassVar[str] = "R3"
 
 
 @dataclass(frozen=True)
