@@ -13,6 +13,7 @@ import pytest
 from qgate.crypto.identity import IdentityKey
 from qgate.crypto.kem import get_kem
 from qgate.crypto.secret import Secret
+from qgate.protocol import peer as peer_module
 from qgate.protocol.peer import FetchDecKeys, FetchEncKeys, Peer, PeerConfig, PeerEvent, SendDatagram
 from qgate.protocol.wire import classify_datagram
 
@@ -240,3 +241,22 @@ def test_slave_restart_is_healed_by_a_kick_and_a_fresh_handshake() -> None:
     assert datagram is not None and fresh.open(datagram, pair.now) is None  # unknown epoch -> kick
     pair.run(0.5)
     assert pair.send_both_ways(b"again") == (b"again", b"again")
+
+
+def test_slave_near_the_packet_limit_gets_fresh_keys_before_the_hard_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(peer_module, "AEAD_PACKET_SOFT_LIMIT", 500)
+    pair = Pair(interval=3600.0, kem_interval=7200.0, max_key_age=10800.0)
+    pair.slave.epochs.packet_limit = 600  # the RFC 9001 limit (2^23), scaled down
+    pair.run(0.2)
+    first = pair.slave.epochs.current
+    delivered = 0
+    for _ in range(700):
+        datagram = pair.slave.seal(b"telemetry", pair.now)
+        if datagram is not None and pair.master.open(datagram, pair.now) is not None:
+            delivered += 1
+        pair.run(0.01)
+    assert pair.slave.epochs.current is not first
+    assert pair.slave.epochs.stats.drops_key_exhausted == 0
+    assert delivered == 700

@@ -646,12 +646,19 @@ class Peer:
     def seal(self, packet: bytes, now: float) -> bytes | None:
         """Seal one inner packet for the peer; None (counted) if no key may be used.
 
+        A slave nearing the AES-GCM packet limit (RFC 9001 section 6.6) asks the master for a
+        fresh handshake with a Kick (rate-limited); the master watches its own counter in timers.
+
         A slave whose sending epoch is gone or past its age switches to its receive-only epoch
         (its M3/R3 and keepalive were lost): better than dropping, and the master holds it.
         """
         epochs = self.epochs
-        if epochs.next is not None and (epochs.current is None or not epochs.usable(epochs.current, now)):
+        current = epochs.current
+        if epochs.next is not None and (current is None or not epochs.usable(current, now)):
             self._promote(now)
+        elif current is not None and current.send_counter >= AEAD_PACKET_SOFT_LIMIT:
+            if self.config.role == "slave":
+                self.send_kick(now)  # only the master rekeys: ask it for a fresh handshake
         return epochs.seal(packet, now)
 
     def open(self, datagram: bytes, now: float) -> bytes | None:
