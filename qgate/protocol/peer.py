@@ -656,9 +656,12 @@ class Peer:
         current = epochs.current
         if epochs.next is not None and (current is None or not epochs.usable(current, now)):
             self._promote(now)
-        elif current is not None and current.send_counter >= AEAD_PACKET_SOFT_LIMIT:
-            if self.config.role == "slave":
-                self.send_kick(now)  # only the master rekeys: ask it for a fresh handshake
+        elif (
+            self.config.role == "slave"
+            and current is not None
+            and current.send_counter >= AEAD_PACKET_SOFT_LIMIT
+        ):
+            self.send_kick(now)  # only the master rekeys: ask it for a fresh handshake
         return epochs.seal(packet, now)
 
     def open(self, datagram: bytes, now: float) -> bytes | None:
