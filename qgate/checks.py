@@ -1,16 +1,24 @@
-"""``qgate check``: validate a policy and every file it names, with no side effects."""
+"""``qgate check``: validate a policy and every file it names, with no side effects.
+
+Each problem names the policy file, the line and the field that names the bad file, and all
+problems are reported at once (like the policy parser's own errors).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from qgate.errors import ConfigError
+from qgate.errors import ConfigError, PolicyError
 from qgate.keyfiles import load_identity, load_peer_public_key
-from qgate.policy import GatewayPolicy, load_policy
+from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
 
 
 @dataclass
@@ -34,55 +42,130 @@ class CheckSummary:
         }
 
 
-def certificate_cn(path: Path) -> str:
-    """Return the subject CN of the PEM certificate at ``path``.
+def field_lines(text: str) -> dict[str, int]:
+    """Map dotted YAML paths (``peers[0].public_key``) to their 1-based line numbers."""
+    lines: dict[str, int] = {}
 
-    Raises:
-        ConfigError: unreadable file, not a PEM certificate, or no CN.
-    """
+    def walk(node: yaml.Node, path: str) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    walk(value, f"{path}.{key.value}" if path else str(key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def certificate_cn(cert: x509.Certificate) -> str | None:
+    """Return the subject CN of ``cert``, or None."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read certificate: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise ConfigError(f"{path}: not a PEM X.509 certificate") from exc
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names:
-        raise ConfigError(f"{path}: certificate has no subject CN")
-    return str(names[0].value)
 
 
-def _readable(path: Path, what: str) -> None:
+def _check_tls(policy: GatewayPolicy) -> list[tuple[str, str]]:
+    """Check the SAE credentials: CA is a CA, cert issued by it with CN = sae_id, key matches."""
+    kme, problems = policy.kme, []
     try:
-        with path.open("rb"):
-            pass
+        ca = _load_cert(kme.ca)
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not constraints.ca:
+            problems.append(("kme.ca", f"{kme.ca}: not a CA certificate"))
+    except ConfigError as exc:
+        return [("kme.ca", str(exc))]
+    except x509.ExtensionNotFound:
+        problems.append(("kme.ca", f"{kme.ca}: not a CA certificate (no basicConstraints)"))
+    try:
+        cert = _load_cert(kme.cert)
+    except ConfigError as exc:
+        return [*problems, ("kme.cert", str(exc))]
+    if certificate_cn(cert) != kme.sae_id:
+        problems.append(
+            ("kme.cert", f"{kme.cert}: subject CN {certificate_cn(cert)!r} is not kme.sae_id {kme.sae_id!r}")
+        )
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        problems.append(("kme.cert", f"{kme.cert}: not issued by the CA in kme.ca ({kme.ca})"))
+    try:
+        key = serialization.load_pem_private_key(kme.key.read_bytes(), password=None)
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != cert.public_key().public_bytes(
+            serialization.Encoding.DER, spki
+        ):
+            problems.append(("kme.key", f"{kme.key}: does not belong to the certificate {kme.cert}"))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+        problems.append(("kme.key", f"{kme.key}: cannot read: {exc.strerror or exc}"))
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        problems.append(("kme.key", f"{kme.key}: not an unencrypted PEM private key"))
+    return problems
 
 
 def check_policy_file(path: Path) -> CheckSummary:
     """Parse the policy at ``path`` and check the identity, pinned keys and TLS files it names.
 
     Raises:
-        PolicyError: the policy itself is invalid (every problem listed, with lines).
-        ConfigError: a named file is missing, unreadable or does not match the policy.
+        PolicyError: the policy is invalid, or a file it names is missing, unreadable or does
+            not fit (every problem listed with the policy file, line and field).
     """
     policy = load_policy(path)
     summary = CheckSummary(policy)
-    identity = load_identity(policy.identity)
-    summary.items.append(
-        f"identity {policy.identity} ({identity.alg}, {identity.public_key().fingerprint()})"
-    )
-    for peer in policy.peers:
-        key = load_peer_public_key(peer.public_key)
-        summary.items.append(
-            f"peer {peer.name}: pinned key {peer.public_key} ({key.alg}, {key.fingerprint()})"
+    problems: list[tuple[str, str]] = []
+
+    def attempt(where: str, action: Callable[[], str]) -> None:
+        try:
+            summary.items.append(action())
+        except ConfigError as exc:
+            problems.append((where, str(exc)))
+
+    own: list[str] = []
+
+    def identity() -> str:
+        key = load_identity(policy.identity)
+        own.append(key.public_key().fingerprint())
+        return f"identity {policy.identity} ({key.alg}, {key.public_key().fingerprint()})"
+
+    attempt("gateway.identity", identity)
+    for i, peer in enumerate(policy.peers):
+
+        def pinned(peer: PeerPolicy = peer) -> str:
+            key = load_peer_public_key(peer.public_key)
+            if key.fingerprint() in own:
+                raise ConfigError(
+                    f"{peer.public_key}: this is this gateway's own identity key, not the peer's"
+                )
+            return f"peer {peer.name}: pinned key {peer.public_key} ({key.alg}, {key.fingerprint()})"
+
+        attempt(f"peers[{i}].public_key", pinned)
+    problems.extend(_check_tls(policy))
+    if problems:
+        try:
+            lines = field_lines(path.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError):
+            lines = {}
+        raise PolicyError(
+            "files named by the policy are unusable",
+            file=path,
+            problems=[(lines.get(where), where, message) for where, message in problems],
         )
-    kme = policy.kme
-    _readable(kme.ca, "CA certificate")
-    _readable(kme.key, "SAE private key")
-    cn = certificate_cn(kme.cert)
-    if cn != kme.sae_id:
-        raise ConfigError(f"{kme.cert}: certificate CN {cn!r} differs from kme.sae_id {kme.sae_id!r}")
-    summary.items.append(f"SAE certificate {kme.cert} (CN={cn})")
+    summary.items.append(
+        f"SAE certificate {policy.kme.cert} (CN={policy.kme.sae_id}, issued by {policy.kme.ca})"
+    )
     return summary
