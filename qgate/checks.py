@@ -163,7 +163,9 @@ def check_policy_file(path: Path) -> CheckSummary:
         raise PolicyError(
             "files named by the policy are unusable",
             file=path,
-            problems=[(lines.get(where), where, message) for where, message in problems],
+            problems=sorted(
+                ((lines.get(where), where, message) for where, message in problems), key=lambda p: p[0] or 0
+            ),
         )
     summary.items.append(
         f"SAE certificate {policy.kme.cert} (CN={policy.kme.sae_id}, issued by {policy.kme.ca})"

@@ -25,7 +25,7 @@ from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tun import TunDevice
-from qgate.errors import DataPlaneError, KmsError, QgateError
+from qgate.errors import ConfigError, DataPlaneError, KmsError, QgateError
 from qgate.keyfiles import load_identity, load_peer_public_key
 from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import QkdKey, Status
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 TICK: Final = 0.02
 """Seconds between timer checks (rekey intervals go down to 0.1 s)."""
+LOG_BURST: Final = 5
+"""Warning lines per event kind per second at most (a flood of bad datagrams is counted, not logged)."""
 STATS_PERIOD: Final = 1.0
 """Seconds between rewrites of the statistics file."""
 BATCH: Final = 256
@@ -113,6 +115,9 @@ class Gateway:
         self.policy = policy
         self.stats = GatewayStats()
         self._stats_file = stats_file
+        if stats_file is not None and not stats_file.parent.is_dir():
+            raise ConfigError(f"--stats-file {stats_file}: directory {stats_file.parent} does not exist")
+        self._log_budget: dict[str, tuple[float, int]] = {}
         identity = load_identity(policy.identity)
         kme = policy.kme
         self._kms = Etsi014Client(kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout)
@@ -146,8 +151,10 @@ class Gateway:
             DataPlaneError: the TUN, routes or UDP socket could not be set up.
         """
         self._loop = asyncio.get_running_loop()
+        opened = False
         try:
             self._open()
+            opened = True
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
             self._probe_kme()
@@ -161,7 +168,8 @@ class Gateway:
         finally:
             self._close()
             self._write_stats()
-            log.info("gateway %s stopped; TUN and routes removed", self.policy.name)
+            if opened:
+                log.info("gateway %s stopped; TUN and routes removed", self.policy.name)
 
     def stop(self) -> None:
         """Ask ``run`` to return (thread-safe only from the event loop)."""
@@ -225,7 +233,7 @@ class Gateway:
                 "KME %s reachable; key status for peer %s: %s", self.policy.kme.url, peer, future.result()
             )
         else:
-            log.error("KME %s: %s (handshakes will be retried with backoff)", self.policy.kme.url, exc)
+            log.error("KME check failed: %s (handshakes will be retried with backoff)", exc)
 
     async def _timer_loop(self) -> None:
         next_stats = 0.0
@@ -373,9 +381,20 @@ class Gateway:
         self._flush(link)
 
     def _log_event(self, event: PeerEvent) -> None:
+        """Log a protocol event; warnings are limited to LOG_BURST per kind per second (counted anyway)."""
         detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
-        level = logging.WARNING if event.kind in _WARN_EVENTS else logging.INFO
-        log.log(level, "%s %s", event.kind, detail)
+        if event.kind not in _WARN_EVENTS:
+            log.info("%s %s", event.kind, detail)
+            return
+        now = time.monotonic()
+        start, count = self._log_budget.get(event.kind, (now, 0))
+        if now - start >= 1.0:
+            if count > LOG_BURST:
+                log.warning("%s: %d more suppressed in the last second", event.kind, count - LOG_BURST)
+            start, count = now, 0
+        self._log_budget[event.kind] = (start, count + 1)
+        if count < LOG_BURST:
+            log.warning("%s %s", event.kind, detail)
 
     # ----- statistics ----------------------------------------------------------------
     def snapshot(self) -> dict[str, object]:
