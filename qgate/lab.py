@@ -3,16 +3,19 @@
 A :class:`Lab` owns one run: the topology (:mod:`qgate.lab_net`), the run directory
 (:mod:`qgate.lab_setup`) and every child process (:mod:`qgate.lab_procs`). Leaving its ``with``
 block (normally, on an exception, on Ctrl-C or SIGTERM) stops all children and deletes the
-namespaces, unless ``keep`` is set. :func:`run_lab` is the acceptance run: KMEs, gateways,
-tunnel wait, ping + paced TCP transfer with SHA-256 on both ends, gateway stats, and the WAN
-pcap analysis (:mod:`qgate.lab_pcap`). ``tunnel=False`` runs the same traffic over plain IP
-forwarding (the bare-veth baseline), where the analysis must find the plaintext.
+namespaces, unless ``keep`` is set: then the namespaces, the KMEs and the gateways stay up
+(detached from the lab process) until ``qgate lab down <run id>``. :func:`run_lab` is the
+acceptance run: KMEs, gateways, tunnel wait, ping + paced TCP transfer with SHA-256 on both
+ends, gateway stats, and the WAN pcap analysis (:mod:`qgate.lab_pcap`). ``tunnel=False`` runs
+the same traffic over plain IP forwarding (the bare-veth baseline), where the analysis must
+find the plaintext.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import selectors
@@ -45,6 +48,10 @@ KME_TIMEOUT: Final = 15.0
 """Seconds to wait for both KMEs to listen."""
 PING_PATTERN_SIZE: Final = 16
 """Bytes of random ``ping -p`` pattern, so ping payload is recognisable in the capture."""
+KEPT_PREFIXES: Final = ("kme-", "gateway-")
+"""Children (by name prefix) that ``--keep`` leaves running; the others are stopped as usual."""
+KEPT_PIDS_FILE: Final = "kept-pids"
+"""File in the run dir listing ``<pid> <name>`` of the children left running by ``--keep``."""
 
 
 def run_dir_of(run_id: str) -> Path:
@@ -74,7 +81,8 @@ class Lab:
         topo: namespace and link names.
         run_dir: the run directory.
         tunnel: whether qgate carries the traffic (else plain IP forwarding).
-        keep: leave namespaces and run dir in place at exit (processes are still stopped).
+        keep: leave namespaces, run dir, KMEs and gateways running at exit (children are
+            detached: no parent-death signal); other children are still stopped.
         keep_run_dir_on_failure: keep the run dir (logs, pcap) when the run failed or raised
             (not on Ctrl-C/SIGTERM); tests that expect failures may set it False.
         children: every started child process.
@@ -102,7 +110,7 @@ class Lab:
             self._signals[sig] = signal.signal(sig, _raise_interrupted)
         try:
             self.run_dir.mkdir(mode=0o700)
-            self.children = Children(self.run_dir / "logs")
+            self.children = Children(self.run_dir / "logs", detach=self.keep)
             net.create_topology(self.topo, routed=not self.tunnel)
         except BaseException:
             self.__exit__(*sys.exc_info())
@@ -128,12 +136,12 @@ class Lab:
         if self.children is not None:
             if failed:
                 self.children.dump_logs()
-            self.children.stop_all()
+            if self.keep:
+                self._stop_transient()
+            else:
+                self.children.stop_all()
         if self.keep:
-            sys.stderr.write(
-                f"lab {self.topo.run_id} kept: namespaces {' '.join(self.topo.namespaces)}, "
-                f"run dir {self.run_dir}\ntear down with: qgate lab down {self.topo.run_id}\n"
-            )
+            sys.stderr.write(self.keep_message())
             return
         for problem in net.destroy_topology(self.topo):
             log.error("teardown: %s", problem)
@@ -141,6 +149,37 @@ class Lab:
             sys.stderr.write(f"lab run dir kept for inspection: {self.run_dir}\n")
         else:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def kept(self, child: Child) -> bool:
+        """Return whether ``child`` stays running after the run (``keep`` and a KME or gateway)."""
+        return self.keep and child.name.startswith(KEPT_PREFIXES)
+
+    def _stop_transient(self) -> None:
+        """``keep`` teardown: stop the children that are not kept, record the kept ones' pids."""
+        lines = []
+        for child in reversed(self.kids.items):
+            if self.kept(child) and child.proc.poll() is None:
+                lines.append(f"{child.proc.pid} {child.name}\n")
+                continue
+            try:
+                self.kids.stop(child)
+            except Exception as exc:  # teardown must go on
+                log.warning("stopping %s failed: %s", child.name, exc)
+        try:
+            (self.run_dir / KEPT_PIDS_FILE).write_text("".join(lines))
+        except OSError as exc:
+            log.warning("cannot record kept pids: %s", exc)
+
+    def keep_message(self) -> str:
+        """Return the ``--keep`` notice for stderr: run id, what runs, how to reach it and tear it down."""
+        rid = self.topo.run_id
+        running = [c.name for c in self.children.items if self.kept(c)] if self.children else []
+        return (
+            f"lab {rid} kept running: namespaces {' '.join(self.topo.namespaces)}; "
+            f"processes {', '.join(running) or 'none'}; run dir {self.run_dir}\n"
+            f"reach it with e.g.: ip netns exec {self.topo.ns('ha')} ping {net.HOST_B}\n"
+            f"tear it down with: qgate lab down {rid}\n"
+        )
 
     def mark_failed(self) -> None:
         """Record that the run failed its checks: keep the run dir and print child logs at exit."""
@@ -387,12 +426,17 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     final: dict[str, dict[str, object]] = {}
     for child in watch:
         site = child.name[-1]
+        if lab.kept(child):  # --keep: leave it running, take its current counters
+            final[site] = fresh_stats(lab.run_dir / f"stats-{site}.json")
+            final[site]["exit_status"] = None
+            continue
         code = lab.kids.stop(child)
         final[site] = read_stats(lab.run_dir / f"stats-{site}.json")
         final[site]["exit_status"] = code
     lab.kids.stop(capture, signal.SIGINT)
     for child in lab.kids.items:
-        lab.kids.stop(child)
+        if not lab.kept(child):
+            lab.kids.stop(child)
     index = PayloadIndex()
     index.add_payload(payload)
     index.add_pattern(pattern)
@@ -484,19 +528,49 @@ def _checks(r: dict[str, object], *, tunnel: bool) -> dict[str, bool]:
 def lab_down(run_id: str) -> list[str]:
     """Tear down a kept lab run: kill its processes, delete its namespaces and run directory.
 
+    Kills the children recorded in ``<run dir>/kept-pids`` (only when their command line
+    still names the run dir, so a reused pid is never hit) and every process left in the
+    run's namespaces.
+
     Returns:
         Problems met (empty when all went).
 
     Raises:
-        LabError: ``run_id`` is not 6 hex characters.
+        LabError: ``run_id`` is not 6 hex characters, or no namespace or run dir of it exists.
     """
     if not net.RUN_ID_RE.match(run_id):
         raise LabError(f"run id {run_id!r} is not 6 lowercase hex characters")
-    problems = net.destroy_topology(net.Topology(run_id))
-    run_dir = run_dir_of(run_id)
+    topo, run_dir = net.Topology(run_id), run_dir_of(run_id)
+    if not run_dir.is_dir() and not any(net.namespace_exists(ns) for ns in topo.namespaces):
+        raise LabError(f"no lab run {run_id} found (no namespaces qg{run_id}*, no {run_dir})")
+    killed = kill_kept(run_dir)
+    if killed:
+        log.info("killed %d kept process(es) of lab %s", killed, run_id)
+    problems = net.destroy_topology(topo)
     if run_dir.is_dir():
         shutil.rmtree(run_dir, ignore_errors=True)
     return problems
+
+
+def kill_kept(run_dir: Path) -> int:
+    """SIGKILL the processes in ``run_dir``/kept-pids still running from ``run_dir``; return how many."""
+    try:
+        lines = (run_dir / KEPT_PIDS_FILE).read_text().splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for line in lines:
+        word = line.split(" ", 1)[0]
+        if not word.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{word}/cmdline").read_bytes()
+            if str(run_dir).encode() in cmdline:
+                os.kill(int(word), signal.SIGKILL)
+                count += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return count
 
 
 def format_summary(result: dict[str, object]) -> str:

@@ -3,7 +3,8 @@
 Every child writes stdout and stderr to ``<run dir>/logs/<name>.log`` (never to the lab's
 stdout, which carries only the result). Children get their own session (Ctrl-C reaches only
 the lab, which then stops them in order) and ``PR_SET_PDEATHSIG`` = SIGTERM, so they also go
-when the lab process dies abruptly.
+when the lab process dies abruptly, except in ``detach`` mode (``qgate lab run --keep``):
+then children outlive the lab, and ``qgate lab down`` ends them.
 """
 
 from __future__ import annotations
@@ -63,10 +64,16 @@ class Child:
 
 
 class Children:
-    """The set of children of one lab run; :meth:`stop_all` in a ``finally`` ends them all."""
+    """The set of children of one lab run; :meth:`stop_all` in a ``finally`` ends them all.
 
-    def __init__(self, log_dir: Path) -> None:
+    Args:
+        log_dir: directory of the children's log files (created).
+        detach: no parent-death signal, so children survive the lab process (``--keep``).
+    """
+
+    def __init__(self, log_dir: Path, *, detach: bool = False) -> None:
         self.log_dir = log_dir
+        self.detach = detach
         self.items: list[Child] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -90,8 +97,8 @@ class Children:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipe_stdout else logf,
                 stderr=logf,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # the lab starts children from one thread only
+                start_new_session=True,  # own session: Ctrl-C and the terminal's SIGHUP miss them
+                preexec_fn=None if self.detach else _die_with_parent,  # lab starts them from one thread
             )
         except OSError as exc:
             raise LabError(f"cannot start {name} ({argv[0]}): {exc}") from exc

@@ -98,3 +98,54 @@ def test_lab_traffic_module_runs_as_script() -> None:
     )
     assert proc.returncode == 0 and "recv" in proc.stdout
     assert json.dumps  # the CLI prints JSON lines (covered by the e2e test)
+
+
+def test_lab_run_json_without_root_exits_2_with_json_last_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from click.testing import CliRunner
+
+    lab_cli = importlib.import_module("qgate.cli.lab")  # the package attribute is the click group
+
+    monkeypatch.setattr(lab_cli.os, "geteuid", lambda: 1000)
+    result = CliRunner().invoke(lab_cli.lab, ["run", "--json"])
+    assert result.exit_code == 2
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["ok"] is False and "root" in last["error"]
+
+
+def test_lab_down_unknown_run_id_raises_nothing_found() -> None:
+    from qgate.lab import lab_down
+    from qgate.lab_procs import LabError
+
+    run_id = lab_net.new_run_id()
+    while lab_net.namespace_exists(f"qg{run_id}ha") or lab_net.namespace_exists(f"qg{run_id}ga"):
+        run_id = lab_net.new_run_id()
+    with pytest.raises(LabError, match=f"no lab run {run_id} found"):
+        lab_down(run_id)
+
+
+def test_keep_message_names_run_id_reach_and_teardown() -> None:
+    from qgate.lab import Lab
+
+    text = Lab(keep=True, run_id="abc123").keep_message()
+    assert "lab abc123 kept running" in text
+    assert f"ip netns exec qgabc123ha ping {lab_net.HOST_B}" in text
+    assert "qgate lab down abc123" in text
+
+
+def test_kill_kept_kills_only_processes_still_running_from_run_dir(tmp_path: Path) -> None:
+    from qgate.lab import KEPT_PIDS_FILE, kill_kept
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    ours = subprocess.Popen([*sleeper, str(tmp_path / "site-a.yaml")])
+    other = subprocess.Popen([*sleeper, "/elsewhere"])
+    try:
+        (tmp_path / KEPT_PIDS_FILE).write_text(f"{ours.pid} gateway-a\n{other.pid} kme-a\nnot-a-pid x\n")
+        assert kill_kept(tmp_path) == 1
+        assert ours.wait(5) == -9
+        assert other.poll() is None
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()

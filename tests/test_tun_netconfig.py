@@ -145,3 +145,35 @@ def test_netns_fixture_deletes_namespace(netns: Callable[[str], str]) -> None:
 
 def test_configure_tun_works_inside_running_asyncio_loop(tun_run: dict[str, object]) -> None:
     assert "10.9.0.0/24" in str(tun_run["routes_from_asyncio"])
+
+
+# Inside a fresh namespace: a persistent TUN made with `ip tuntap` must not be attached to, both when
+# sysfs shows it and when only the kernel (IFF_TUN_EXCL) can tell; the device must be left as it was.
+EXISTING_SCRIPT = r"""
+import json, subprocess
+import qgate.dataplane.tun as tunmod
+from qgate.errors import DataPlaneError
+
+subprocess.run(["ip", "tuntap", "add", "dev", "qgtun0", "mode", "tun"], check=True)
+out = {}
+for key, sysfs in (("sysfs_error", tunmod.SYS_CLASS_NET), ("kernel_error", "/nonexistent-sysfs")):
+    tunmod.SYS_CLASS_NET = sysfs
+    try:
+        tunmod.TunDevice.open("qgtun0").close()
+        out[key] = None
+    except DataPlaneError as exc:
+        out[key] = str(exc)
+out["still_there"] = subprocess.run(["ip", "link", "show", "qgtun0"], capture_output=True).returncode == 0
+print(json.dumps(out))
+"""
+
+
+def test_tun_open_refuses_existing_device_of_same_name(
+    netns: Callable[[str], str], ns_python: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    proc = ns_python(netns("te"), EXISTING_SCRIPT)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "a network device named qgtun0 already exists" in str(out["sysfs_error"])
+    assert "a network device named qgtun0 already exists" in str(out["kernel_error"])
+    assert out["still_there"] is True

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Final
 
 import click
 
 from qgate.cli.common import setup_logging
 from qgate.errors import QgateError
 
+NOT_ROOT: Final = "the lab needs root (network namespaces, veth, TUN)"
+
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        raise click.ClickException("the lab needs root (network namespaces, veth, TUN)")
+        raise click.ClickException(NOT_ROOT)
 
 
 @click.group()
@@ -24,7 +27,8 @@ def lab() -> None:
 
 @lab.command("run")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result line last on stdout.")
-@click.option("--keep", is_flag=True, help="Keep namespaces and run dir (tear down with `qgate lab down`).")
+@click.option("--keep", is_flag=True,
+              help="Leave namespaces, KMEs, gateways running (end: `qgate lab down RUN_ID`).")  # fmt: skip
 @click.option("--transfer-mb", type=click.FloatRange(0.1, 1000), default=20.0, show_default=True,
               help="TCP transfer size, MB (10^6 bytes) of random bytes.")  # fmt: skip
 @click.option("--seconds", type=click.FloatRange(1, 60), default=6.0, show_default=True,
@@ -42,20 +46,26 @@ def run(
     Exit status 0 when every check passed, 1 when one failed, 2 when the lab could not run,
     130 when interrupted.
     """
-    from qgate.lab import LabOptions, format_summary, run_lab
-
     setup_logging(log_level)
-    _need_root()
-    opts = LabOptions(transfer_mb=transfer_mb, seconds=seconds, pings=pings, tunnel=not no_tunnel, keep=keep)
     try:
+        if os.geteuid() != 0:
+            raise PermissionError(NOT_ROOT)
+        from qgate.lab import LabOptions, format_summary, run_lab
+
+        opts = LabOptions(transfer_mb=transfer_mb, seconds=seconds, pings=pings, tunnel=not no_tunnel,
+                          keep=keep)  # fmt: skip
         result = run_lab(opts)
     except KeyboardInterrupt:
-        click.echo("lab run interrupted; torn down", err=True)
+        click.echo(f"lab run interrupted; {'kept' if keep else 'torn down'}", err=True)
         _emit({"ok": False, "error": "interrupted"}, as_json)
         sys.exit(130)
     except (QgateError, OSError) as exc:
-        click.echo(f"lab run failed: {exc}", err=True)
+        click.echo(f"lab run could not run: {exc}", err=True)
         _emit({"ok": False, "error": str(exc)}, as_json)
+        sys.exit(2)
+    except Exception as exc:  # any other failure before a verdict is still "could not run"
+        click.echo(f"lab run could not run: {type(exc).__name__}: {exc}", err=True)
+        _emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, as_json)
         sys.exit(2)
     click.echo(format_summary(result), err=True)
     _emit(result, as_json)
@@ -88,7 +98,7 @@ def down(run_id: str | None, all_runs: bool) -> None:
         for rid in run_ids:
             problems += lab_down(rid)
             click.echo(f"lab {rid} torn down", err=True)
-    except QgateError as exc:
+    except QgateError as exc:  # includes "no lab run <id> found"
         raise click.ClickException(str(exc)) from exc
     if problems:
         raise click.ClickException("; ".join(problems))

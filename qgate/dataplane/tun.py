@@ -27,10 +27,18 @@ IFF_TUN: Final = 0x0001
 """Flag: layer-3 device (IP packets), <linux/if_tun.h>."""
 IFF_NO_PI: Final = 0x1000
 """Flag: no packet-information header before each packet, <linux/if_tun.h>."""
+IFF_TUN_EXCL: Final = 0x8000
+"""Flag: fail with EBUSY instead of attaching to an existing device, <linux/if_tun.h>."""
+SYS_CLASS_NET: Final = "/sys/class/net"
+"""sysfs directory listing the network devices of the current network namespace."""
 IFNAMSIZ: Final = 16
 """Bytes in a Linux interface name including the terminating NUL (<linux/if.h>)."""
 READ_SIZE: Final = 65535
 """Bytes asked for per read: the largest IPv4/IPv6 (non-jumbo) packet."""
+
+
+def _exists_message(name: str) -> str:
+    return f"a network device named {name} already exists; qgate will not attach to it (remove it first)"
 
 
 class TunDevice:
@@ -52,7 +60,11 @@ class TunDevice:
 
     @classmethod
     def open(cls, name: str) -> TunDevice:
-        """Create (or attach to) the TUN interface ``name`` and return it, non-blocking.
+        """Create the TUN interface ``name`` and return it, non-blocking; never attach to an existing one.
+
+        A device of that name already in the namespace (a leftover persistent TUN, another
+        gateway's device, any other link) is refused: it is checked in ``/sys/class/net`` first
+        and ``IFF_TUN_EXCL`` makes the kernel refuse it too (closing the race).
 
         Args:
             name: interface name, 1-15 ASCII characters; the kernel replaces a ``%d`` with a number.
@@ -62,21 +74,25 @@ class TunDevice:
 
         Raises:
             DataPlaneError: the name is invalid, ``/dev/net/tun`` cannot be opened (no module,
-                no permission: CAP_NET_ADMIN is needed) or the TUNSETIFF ioctl fails (the name
-                is taken by a non-TUN device, ...).
+                no permission: CAP_NET_ADMIN is needed), a network device named ``name``
+                already exists, or the TUNSETIFF ioctl fails.
         """
         raw = name.encode("ascii", "replace")
         if not raw or len(raw) >= IFNAMSIZ or b"/" in raw or b" " in raw:
             raise DataPlaneError(f"invalid TUN device name {name!r} (1-{IFNAMSIZ - 1} ASCII characters)")
+        if os.path.lexists(os.path.join(SYS_CLASS_NET, name)):
+            raise DataPlaneError(_exists_message(name))
         try:
             fd = os.open(TUN_CLONE_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise DataPlaneError(f"cannot open {TUN_CLONE_DEVICE}: {exc.strerror}") from exc
-        ifreq = struct.pack(f"{IFNAMSIZ}sH22x", raw, IFF_TUN | IFF_NO_PI)
+        ifreq = struct.pack(f"{IFNAMSIZ}sH22x", raw, IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL)
         try:
             answer = fcntl.ioctl(fd, TUNSETIFF, ifreq)
         except OSError as exc:
             os.close(fd)
+            if exc.errno == errno.EBUSY:
+                raise DataPlaneError(_exists_message(name)) from exc
             raise DataPlaneError(f"TUNSETIFF for TUN device {name!r} failed: {exc.strerror}") from exc
         actual = answer[:IFNAMSIZ].split(b"\0", 1)[0].decode("ascii")
         log.info("opened TUN device %s", actual)
