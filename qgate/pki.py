@@ -74,7 +74,7 @@ def make_pki(
     if not force:
         existing = [n for n in names if (out_dir / n).exists()]
         if existing:
-            raise ConfigError(f"{out_dir}: would overwrite {', '.join(existing)} (use force)")
+            raise ConfigError(f"{out_dir}: would overwrite {', '.join(existing)} (use --force)")
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _ca_certificate(ca_key, now)

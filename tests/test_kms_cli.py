@@ -71,6 +71,43 @@ def test_kms_sim_command_rejects_bad_listen_address(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "IP:PORT" in result.output
 
 
+def kms_sim_args(pki_dir: Path, *extra: str, kme_id: str = "KME_A", cert: str = "KME_A") -> list[str]:
+    return [
+        *("--kme-id", kme_id, "--peer-kme-id", "KME_B", "--sae", "SAE_A", "--listen", "127.0.0.1:0"),
+        *("--ca", str(pki_dir / "ca.pem"), "--cert", str(pki_dir / f"{cert}.pem")),
+        *("--key", str(pki_dir / f"{cert}.key"), "--link-secret-file", str(pki_dir / "link.secret")),
+        *extra,
+    ]
+
+
+def test_kms_sim_command_explains_bad_settings_in_words(tmp_path: Path) -> None:
+    made = CliRunner().invoke(
+        pki, ["--out", str(tmp_path), "--kme", "KME_A", "--kme", "KME_B", "--sae", "SAE_A"]
+    )
+    assert made.exit_code == 0, made.output
+    cases = [
+        (kms_sim_args(tmp_path, cert="KME_B"), "certificate CN is KME_B, but --kme-id is KME_A"),
+        (
+            [*kms_sim_args(tmp_path)[:-8], "--ca", str(tmp_path / "KME_B.pem"), *kms_sim_args(tmp_path)[-6:]],
+            "not a CA",
+        ),
+        (
+            kms_sim_args(tmp_path, "--burst-period", "1", "--burst-duration", "5"),
+            "burst duration (5.0 s) must be between 0 and the burst period (1.0 s)",
+        ),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(kms_sim, args)
+        assert result.exit_code == 1 and message in result.output, result.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = [a if a != "127.0.0.1:0" else f"127.0.0.1:{port}" for a in kms_sim_args(tmp_path)]
+        result = CliRunner().invoke(kms_sim, args)
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
+
+
 class Proc:
     def __init__(self, argv: list[str]) -> None:
         self.popen = subprocess.Popen(

@@ -22,7 +22,7 @@ import pytest
 
 from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError, KmsAuthError, KmsBadAnswerError, KmsUnavailableError
-from qgate.kms.client import Etsi014Client, server_context
+from qgate.kms.client import Etsi014Client, MtlsHttps, server_context
 from qgate.kms.sim_server import HttpsPeerLink, KmeHttpServer, KmeService
 from qgate.kms.simulator import KmeConfig
 from qgate.pki import make_pki
@@ -375,3 +375,53 @@ def test_client_rejects_bad_configuration(lab: Lab, tmp_path: Path) -> None:
         client.dec_keys("SAE_B", ["a", "a"])
     with pytest.raises(ConfigError):
         client.status("bad/id with space")
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH", "OPTIONS"])
+def test_other_http_methods_get_a_json_405(lab: Lab, method: str) -> None:
+    https = MtlsHttps(
+        f"https://127.0.0.1:{lab.a.port}",
+        ca=lab.pki / "ca.pem",
+        cert=lab.pki / "SAE_A.pem",
+        key=lab.pki / "SAE_A.key",
+        timeout=TIMEOUT,
+    )
+    status, body = https.request(method, "/api/v1/keys/SAE_B/enc_keys")
+    answer = json.loads(body)
+    assert status == 405 and method in answer["message"] and isinstance(answer["details"], list)
+
+
+def test_kme_refuses_a_certificate_whose_cn_is_not_its_id(lab: Lab) -> None:
+    config = KmeConfig(kme_id="KME_A", peer_kme_id="KME_B", saes=("SAE_A",), link_secret=Secret(bytes(32)))
+    with pytest.raises(ConfigError, match="CN is KME_B, but --kme-id is KME_A"):
+        KmeService.bind(
+            config,
+            listen=("127.0.0.1", 0),
+            ca=lab.pki / "ca.pem",
+            cert=lab.pki / "KME_B.pem",
+            key=lab.pki / "KME_B.key",
+        )
+
+
+def test_kme_refuses_a_ca_file_that_is_not_a_ca(lab: Lab) -> None:
+    config = KmeConfig(kme_id="KME_A", peer_kme_id="KME_B", saes=("SAE_A",), link_secret=Secret(bytes(32)))
+    with pytest.raises(ConfigError, match="not a CA certificate"):
+        KmeService.bind(
+            config,
+            listen=("127.0.0.1", 0),
+            ca=lab.pki / "KME_B.pem",
+            cert=lab.pki / "KME_A.pem",
+            key=lab.pki / "KME_A.key",
+        )
+
+
+def test_busy_listen_port_error_names_the_address(lab: Lab) -> None:
+    config = KmeConfig(kme_id="KME_A", peer_kme_id="KME_B", saes=("SAE_A",), link_secret=Secret(bytes(32)))
+    with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{lab.a.port}"):
+        KmeService.bind(
+            config,
+            listen=("127.0.0.1", lab.a.port),
+            ca=lab.pki / "ca.pem",
+            cert=lab.pki / "KME_A.pem",
+            key=lab.pki / "KME_A.key",
+        )

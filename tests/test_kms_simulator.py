@@ -15,7 +15,14 @@ import pytest
 from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError, KmsBadAnswerError, KmsUnavailableError
 from qgate.kms import etsi014
-from qgate.kms.sim_store import DeliveredKey, IncomingStore, OutgoingPool, Rejection, ReleaseSchedule
+from qgate.kms.sim_store import (
+    DeliveredKey,
+    IncomingStore,
+    LinkKeys,
+    OutgoingPool,
+    Rejection,
+    ReleaseSchedule,
+)
 from qgate.kms.simulator import DELIVERED_PATH, INFO_PATH, Kme, KmeConfig
 
 API = "/api/v1/keys"
@@ -124,7 +131,7 @@ def test_pool_releases_keys_at_rate_up_to_max_key_count() -> None:
     assert pool.available(0.55) == 5
     assert pool.available(1.0) == 10
     assert pool.available(100.0) == 20  # bounded; the overflow is lost
-    assert pool.take(15, 100.0) == 0 and pool.take(5, 100.0) == 15
+    assert pool.take(15, 100.0) == 980 and pool.take(5, 100.0) == 995  # index = blocks since the epoch
     assert pool.available(100.0) == 0
     assert pool.available(100.5) == 5  # resumes from the schedule, not from a backlog
 
@@ -365,3 +372,91 @@ def run_threads(target: Callable[[], None], count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+# --- restarts: the key stream follows the wall clock ------------------------------------------------
+
+
+def key_bytes(container: dict[str, object]) -> dict[str, bytes]:
+    parsed = etsi014.parse_key_container(json.dumps(container).encode())
+    return {k.key_id: k.key.reveal() for k in parsed}
+
+
+def restart(pair: Pair, side: str) -> None:
+    """Replace KME ``side`` ("a" or "b") by a fresh Kme with the same config, as after a restart."""
+    if side == "a":
+        pair.a = Kme(pair.a.config, clock=pair.clock, peer=pair.peer_a)
+        pair.peer_b.target = pair.a
+    else:
+        pair.b = Kme(pair.b.config, clock=pair.clock, peer=pair.peer_b)
+        pair.peer_a.target = pair.b
+
+
+def test_restarted_kme_never_serves_a_key_id_or_key_served_before() -> None:
+    pair = make_pair(initial_key_count=0)
+    seen_ids: set[str] = set()
+    seen_keys: set[bytes] = set()
+    for round_number in range(4):
+        pair.clock.now += 2.0  # the store refills to max_key_count
+        for master, caller, slave in ((pair.a, "SAE_A", "SAE_B"), (pair.b, "SAE_B", "SAE_A")):
+            status, got = enc(master, caller, slave, {"number": 8})
+            assert status == 200
+            got_keys = key_bytes(got)
+            assert not seen_ids & set(got_keys) and not seen_keys & set(got_keys.values())
+            seen_ids |= set(got_keys)
+            seen_keys |= set(got_keys.values())
+        restart(pair, "a")
+        if round_number % 2:
+            restart(pair, "b")
+        pair.clock.now += 0.01  # restarted moments later: nothing served before comes back
+        for master, caller, slave in ((pair.a, "SAE_A", "SAE_B"), (pair.b, "SAE_B", "SAE_A")):
+            status, got = enc(master, caller, slave, {})
+            assert status == 503 or not seen_ids & set(key_ids(got))
+
+
+def test_one_sided_restart_recovers_by_itself() -> None:
+    pair = make_pair(initial_key_count=0)
+    pair.clock.now += 1.0
+    _, first = enc(pair.a, "SAE_A", "SAE_B", {"number": 3})
+    assert dec(pair.b, "SAE_B", "SAE_A", key_ids(first))[0] == 200
+    for side in ("a", "b"):
+        restart(pair, side)
+        pair.clock.now += 1.0
+        status, got = enc(pair.a, "SAE_A", "SAE_B", {"number": 3})
+        assert status == 200, got
+        status, fetched = dec(pair.b, "SAE_B", "SAE_A", key_ids(got))
+        assert status == 200 and key_bytes(fetched) == key_bytes(got)
+
+
+def test_clock_going_backwards_refuses_to_serve_keys(caplog: pytest.LogCaptureFixture) -> None:
+    pair = make_pair()
+    assert enc(pair.a, "SAE_A", "SAE_B", {})[0] == 200
+    pair.clock.now -= 5.0
+    status, answer = enc(pair.a, "SAE_A", "SAE_B", {})
+    assert status == 503 and "clock went backwards" in str(answer["message"])
+    assert "clock went backwards" in caplog.text
+    pair.clock.now += 6.0
+    assert enc(pair.a, "SAE_A", "SAE_B", {})[0] == 200
+
+
+def test_slave_refuses_a_reported_key_index_far_from_now(pair: Pair) -> None:
+    index = 10  # released around 1970, far outside the window around the clock's "now"
+    report = {
+        "master_SAE_ID": "SAE_A",
+        "slave_SAE_ID": "SAE_B",
+        "keys": [{"key_ID": LinkKeys(SECRET).key_id("KME_A>KME_B", index), "index": index, "size": 256}],
+    }
+    status, answer = call(pair.b, "POST", DELIVERED_PATH, "KME_A", report)
+    assert status == 400 and "too far" in str(answer)
+
+
+def test_burst_mode_indexes_the_stream_by_burst_number() -> None:
+    schedule = ReleaseSchedule(2560.0, burst_period=10.0, burst_duration=2.0)
+    pool = OutgoingPool(schedule, key_size=256, max_key_count=1000, start=1005.0)
+    assert pool.available(1005.0) == 0  # between passes
+    assert pool.take(5, 1010.5) == 101 * 20  # burst 101 follows bursts 0..100 of 20 blocks each
+    later = OutgoingPool(schedule, key_size=256, max_key_count=1000, start=1011.0)  # restarted
+    assert (
+        later.available(1011.0) == 0 and later.take(5, 1011.5) == 2030
+    )  # resumes at the clock's index, past everything served
+    assert later.available(1015.0) == 5  # burst 101 ended at 1012 with block 2039

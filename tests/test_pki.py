@@ -82,7 +82,7 @@ def test_sae_certificates_are_client_only(pki: Path) -> None:
 
 def test_make_pki_refuses_to_overwrite_unless_forced(pki: Path) -> None:
     old = (pki / "link.secret").read_bytes()
-    with pytest.raises(ConfigError, match="overwrite"):
+    with pytest.raises(ConfigError, match=r"overwrite .*\(use --force\)"):
         make_pki(pki, kmes={"KME_A": []}, saes=["SAE_A"])
     make_pki(pki, kmes={"KME_A": []}, saes=["SAE_A"], force=True)
     assert (pki / "link.secret").read_bytes() != old

@@ -22,7 +22,10 @@ from types import FrameType
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
-from qgate.errors import KmsBadAnswerError
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from qgate.errors import ConfigError, KmsBadAnswerError
 from qgate.kms import etsi014
 from qgate.kms.client import MtlsHttps, peer_common_name, server_context
 from qgate.kms.simulator import DELIVERED_PATH, INFO_PATH, Kme, KmeConfig
@@ -132,6 +135,39 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve("POST")
 
+    def do_PUT(self) -> None:
+        self._refuse_method()
+
+    def do_DELETE(self) -> None:
+        self._refuse_method()
+
+    def do_PATCH(self) -> None:
+        self._refuse_method()
+
+    def do_HEAD(self) -> None:
+        self._refuse_method()
+
+    def do_OPTIONS(self) -> None:
+        self._refuse_method()
+
+    def do_TRACE(self) -> None:
+        self._refuse_method()
+
+    def do_CONNECT(self) -> None:
+        self._refuse_method()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer a request the stdlib refuses (unknown method, bad request line) with an ETSI Error body."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ("error",))[0]
+        self._answer(code, etsi014.encode_error(text, [{"reason": explain or text}]))
+
+    def _refuse_method(self) -> None:
+        self._body()  # drain what the client sent
+        self._answer(
+            405, etsi014.encode_error(f"method {self.command} not allowed", [{"allowed": "GET, POST"}])
+        )
+
     def _serve(self, method: str) -> None:
         connection = self.connection
         cert = connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None
@@ -143,7 +179,12 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer = 400, etsi014.encode_error("bad or too large request body")
         else:
             status, answer = self.server.kme.handle(method, url.path, query, body, caller)
+        self._answer(status, answer)
+
+    def _answer(self, status: int, answer: bytes) -> None:
         self.send_response(status)
+        if status == 405:
+            self.send_header("Allow", "GET, POST")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
         self.send_header("Cache-Control", "no-store")
@@ -179,11 +220,18 @@ class KmeService:
         """Create the KME and bind its server (not yet serving).
 
         Raises:
-            ConfigError: bad config or certificate files.
-            OSError: the address cannot be bound.
+            ConfigError: bad config or certificate files (``cert`` CN is not the KME ID, ``ca``
+                is not a CA certificate), or the address cannot be bound (named in the message).
         """
+        check_kme_certificates(config.kme_id, ca=ca, cert=cert)
         kme = Kme(config)
-        return cls(kme, KmeHttpServer(listen, kme, server_context(ca=ca, cert=cert, key=key)))
+        context = server_context(ca=ca, cert=cert, key=key)
+        try:
+            server = KmeHttpServer(listen, kme, context)
+        except OSError as exc:
+            where = f"[{listen[0]}]:{listen[1]}" if ":" in listen[0] else f"{listen[0]}:{listen[1]}"
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        return cls(kme, server)
 
     @property
     def port(self) -> int:
@@ -253,6 +301,41 @@ def run_kme(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("KME %s stopped", config.kme_id)
+
+
+def check_kme_certificates(kme_id: str, *, ca: Path, cert: Path) -> None:
+    """Check that ``cert``'s subject CN is ``kme_id`` and that ``ca`` is a CA certificate.
+
+    Args:
+        kme_id: the KME ID given on the command line.
+        ca: the lab CA certificate (PEM).
+        cert: this KME's certificate (PEM).
+
+    Raises:
+        ConfigError: a file is unreadable or not a PEM certificate, the CN differs from
+            ``kme_id`` (peers and SAEs would know this KME by the CN), or ``ca`` lacks
+            basicConstraints CA=true (RFC 5280 section 4.2.1.9).
+    """
+    ca_cert, own = _read_certificate(ca, "--ca"), _read_certificate(cert, "--cert")
+    try:
+        is_ca = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise ConfigError(f"--ca {ca}: not a CA certificate (basicConstraints CA is not true)")
+    names = [a.value for a in own.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [kme_id]:
+        shown = ", ".join(str(n) for n in names) or "none"
+        raise ConfigError(
+            f"--cert {cert}: certificate CN is {shown}, but --kme-id is {kme_id}; they must match"
+        )
+
+
+def _read_certificate(path: Path, option: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{option} {path}: not a readable PEM certificate: {exc}") from exc
 
 
 def _close_quietly(sock: ssl.SSLSocket) -> None:

@@ -14,7 +14,8 @@ master at once without collisions.
 * :class:`IncomingStore` (slave side): keys the peer KME reported as delivered to its master SAE,
   waiting for the slave SAE's dec_keys; each is handed out once and then forgotten.
 
-Nothing here locks; the simulator serialises access. Time comes in as ``now`` (monotonic s).
+Nothing here locks; the simulator serialises access. Time comes in as ``now``: wall-clock
+seconds since the Unix epoch, so both KMEs index the stream alike and a restart resumes it.
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ class ReleaseSchedule:
     burst_duration: float = 0.0
 
     def bits_released(self, elapsed: float) -> float:
-        """Bits released during the first ``elapsed`` seconds (>= 0) since the link came up."""
+        """Bits released during the first ``elapsed`` seconds (>= 0) since the origin (Unix epoch).
+
+        In bursts, burst number ``elapsed // burst_period`` starts at ``n * burst_period``.
+        """
         if self.burst_period <= 0:
             return self.rate * elapsed
         cycles, rest = divmod(elapsed, self.burst_period)
@@ -119,12 +123,22 @@ class ReleaseSchedule:
 class OutgoingPool:
     """Blocks of one direction ready for this KME's master SAEs (master side of the link).
 
+    The stream index is tied to the wall clock, like a QKD link producing key continuously:
+    block ``i`` is released once ``schedule.bits_released(now)`` (seconds since the Unix epoch,
+    the origin both KMEs agree on without talking) reaches ``(i + 1) * key_size`` bits. The store
+    holds at most the ``max_key_count`` most recently released blocks not yet taken, so a KME
+    started again later resumes at the current index and never hands out a block twice as long
+    as the clock does not go backwards (:meth:`clock_behind`).
+
     Args:
         schedule: the release schedule.
         key_size: bits per block (the Status ``key_size``).
         max_key_count: blocks stored at most (the Status ``max_key_count``).
-        start: monotonic time the link came up.
-        initial: blocks present at ``start`` (at most ``max_key_count``).
+        start: wall-clock time (Unix seconds) this KME started.
+        initial: blocks present at ``start`` (at most ``max_key_count``; both KMEs must
+            agree): the stream runs ``initial`` blocks ahead of the clock. Only 0 guarantees no
+            reuse across restarts: a KME started again within ``initial * key_size / rate``
+            seconds of stopping may repeat blocks.
     """
 
     def __init__(
@@ -133,27 +147,43 @@ class OutgoingPool:
         self._schedule = schedule
         self._key_size = key_size
         self._max = max_key_count
-        self._start = start
-        self._released = 0  # blocks released by the schedule so far (stored or lost)
-        self._available = min(initial, max_key_count)
-        self._next_index = 0
+        self._latest = start
+        self._lead = min(initial, max_key_count)
+        self._next_index = self.released(start) - self._lead
+
+    def released(self, now: float) -> int:
+        """Index of the next block to be released after ``now``.
+
+        That is the blocks released since the Unix epoch, plus the ``initial`` blocks the link
+        is ahead by (the same on both KMEs).
+        """
+        return int(self._schedule.bits_released(max(0.0, now)) // self._key_size) + self._lead
+
+    def clock_behind(self, now: float) -> float:
+        """Seconds ``now`` lies before the latest time seen (> 0: the clock went backwards)."""
+        return max(0.0, self._latest - now)
 
     def available(self, now: float) -> int:
-        """Blocks stored at ``now``, after releasing what the schedule produced since the last call."""
-        released = int(self._schedule.bits_released(max(0.0, now - self._start)) // self._key_size)
-        if released > self._released:
-            self._available = min(self._max, self._available + released - self._released)
-            self._released = released
-        return self._available
+        """Blocks stored at ``now``; 0 while the clock is behind the latest time seen."""
+        window = self._window(now)
+        return 0 if window is None else window[1] - window[0]
 
     def take(self, blocks: int, now: float) -> int | None:
         """Remove ``blocks`` consecutive blocks; return the first one's index, or None if too few."""
-        if self.available(now) < blocks:
+        window = self._window(now)
+        if window is None or window[1] - window[0] < blocks:
             return None
-        first = self._next_index
-        self._next_index += blocks
-        self._available -= blocks
+        first = window[0]
+        self._next_index = first + blocks
         return first
+
+    def _window(self, now: float) -> tuple[int, int] | None:
+        """``(first, end)``: the stored blocks are ``first .. end - 1``; None if the clock went back."""
+        if now < self._latest:
+            return None
+        self._latest = now
+        end = self.released(now)
+        return max(self._next_index, end - self._max), max(end, self._next_index)
 
 
 class IncomingStore:

@@ -50,6 +50,8 @@ DELIVERED_PATH: Final = "/kme/v1/delivered"
 """Private KME-to-KME endpoint: the master's KME reports key_IDs delivered to its master SAE."""
 INFO_PATH: Final = "/kme/v1/info"
 """Private KME-to-KME endpoint: the KME's ID and the SAE IDs attached to it."""
+MAX_CLOCK_SKEW: Final = 300.0
+"""Seconds the two KMEs' clocks may differ: how far from "now" a reported key index may lie."""
 MIN_LINK_SECRET: Final = 16
 """Bytes: the shortest link secret accepted."""
 
@@ -108,7 +110,11 @@ class KmeConfig:
                 f"need 8 <= min_key_size <= key_size <= max_key_size <= {MAX_DERIVED_KEY_BITS}",
             ),
             (any(s % 8 for s in (self.key_size, self.min_key_size, self.max_key_size)), "sizes: bytes"),
-            (self.burst_period < 0 or not 0 <= self.burst_duration <= max(self.burst_period, 0), "bursts"),
+            (
+                self.burst_period < 0 or not 0 <= self.burst_duration <= max(self.burst_period, 0),
+                f"burst duration ({self.burst_duration} s) must be between 0 and the burst period "
+                f"({self.burst_period} s)",
+            ),
             (self.initial_key_count < 0, "initial_key_count must be >= 0"),
         ]
         for failed, text in problems:
@@ -139,7 +145,7 @@ class Kme:
 
     Args:
         config: checked settings.
-        clock: monotonic time source, seconds.
+        clock: wall-clock time source, seconds since the Unix epoch (the key stream's origin).
         peer: the channel to the peer KME; may be set later through the ``peer`` attribute.
 
     Raises:
@@ -147,7 +153,7 @@ class Kme:
     """
 
     def __init__(
-        self, config: KmeConfig, *, clock: Callable[[], float] = time.monotonic, peer: PeerLink | None = None
+        self, config: KmeConfig, *, clock: Callable[[], float] = time.time, peer: PeerLink | None = None
     ) -> None:
         config.check()
         self.config = config
@@ -251,8 +257,13 @@ class Kme:
         self._require_peer_sae(slave)
         per_key = math.ceil(size / cfg.key_size)
         with self._lock:
-            first = self._pool.take(number * per_key, self._clock())
-            stored = self._pool.available(self._clock())
+            now = self._clock()
+            behind = self._pool.clock_behind(now)
+            first = self._pool.take(number * per_key, now)
+            stored = self._pool.available(now)
+        if behind > 0:
+            log.error("clock went backwards by %.3f s: refusing to serve keys (would reuse key)", behind)
+            raise _Rejected(503, "KME clock went backwards: no key served until it catches up")
         if first is None:
             text = f"not enough key: {number} x {size} bits asked, {stored} x {cfg.key_size} bits stored"
             raise _Rejected(503, text)
@@ -365,10 +376,22 @@ class Kme:
             index, size, key_id = entry.get("index"), entry.get("size"), entry.get("key_ID")
             if not _is_int(index, 0, 1 << 62) or not _is_int(size, 8, MAX_DERIVED_KEY_BITS) or size % 8:
                 raise _Rejected(400, "key index/size invalid")
+            if not self._plausible_index(index):
+                raise _Rejected(
+                    400, "key index too far from the link's current index", [{"index": str(index)}]
+                )
             if not isinstance(key_id, str) or key_id != self._link.key_id(self._in_direction, index):
                 raise _Rejected(400, "key_ID does not match the link's key stream", [{"key_ID": str(key_id)}])
             keys.append(DeliveredKey(key_id, index, size, master, slave))
         return keys
+
+    def _plausible_index(self, index: int) -> bool:
+        """Whether the peer may have released block ``index`` recently, allowing MAX_CLOCK_SKEW."""
+        cfg, now = self.config, self._clock()
+        with self._lock:
+            low = self._pool.released(now - MAX_CLOCK_SKEW) - cfg.max_key_count - cfg.initial_key_count
+            high = self._pool.released(now + MAX_CLOCK_SKEW)
+        return low <= index <= high
 
 
 # --- request parsing -------------------------------------------------------------------------------
