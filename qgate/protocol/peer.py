@@ -16,10 +16,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 from qgate.constants import AEAD_PACKET_SOFT_LIMIT, HANDSHAKE_RETRY, HANDSHAKE_TIMEOUT, KICK_INTERVAL
-from qgate.crypto.identity import IdentityKey, PeerPublicKey
+from qgate.crypto.identity import PeerPublicKey
 from qgate.crypto.kem import KemAlgorithm, KemDecapsulationKey
 from qgate.crypto.secret import Secret
 from qgate.crypto.x25519 import X25519KeyPair
@@ -44,6 +44,16 @@ from qgate.protocol.wire import Reassembler, fragment_message, new_message_id, p
 log = logging.getLogger(__name__)
 
 Rng = Callable[[int], bytes]
+
+
+class Signer(Protocol):
+    """Signs handshake transcripts with this gateway's identity (FIPS 204 ML-DSA.Sign)."""
+
+    def sign(self, message: bytes) -> bytes:
+        """Return the signature over ``message``."""
+        ...
+
+
 FETCH_BACKOFF_MAX = 8.0
 """Seconds: the longest wait between failed ETSI 014 key requests."""
 RESPONSE_CACHE = 4
@@ -144,24 +154,28 @@ class Peer:
         self,
         config: PeerConfig,
         *,
-        identity: IdentityKey,
+        identity: Signer,
         peer_key: PeerPublicKey,
         rng: Rng,
         wall_ns: Callable[[], int],
         now: float,
+        x25519_keys: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
     ) -> None:
         """Create the engine; a master starts its first handshake at once.
 
         Args:
             config: the peer's settings.
-            identity: this gateway's ML-DSA signing key (FIPS 204).
+            identity: this gateway's ML-DSA signing key (FIPS 204), e.g. ``IdentityKey``.
             peer_key: the peer's pinned ML-DSA public key.
             rng: returns n random bytes (indexes, message ids, handshake randoms).
             wall_ns: wall-clock nanoseconds, used only for M1/Kick timestamps (replay guard).
             now: the current monotonic time.
+            x25519_keys: makes ephemeral X25519 key pairs (RFC 7748); tests inject fixed ones to
+                record vectors.
         """
         self.config = config
         self._identity = identity
+        self._x25519_keys = x25519_keys
         self._peer_key = peer_key
         self._rng = rng
         self._wall_ns = wall_ns
@@ -306,7 +320,7 @@ class Peer:
         """Step HS-1: M1 = ephemeral ek, X25519 value, QKD key_IDs; signed (FIPS 204)."""
         cfg = self.config
         p.dk = cfg.kem.generate()
-        p.x25519 = X25519KeyPair.generate() if cfg.x25519 else None
+        p.x25519 = self._x25519_keys() if cfg.x25519 else None
         p.my_index = self._new_index()
         p.epoch = self.epochs.current.number + 1 if self.epochs.current else 1
         m1 = InitHello(
@@ -518,7 +532,7 @@ class Peer:
         """Step HS-2b: encapsulate, sign, derive, confirm; install the epoch for receiving."""
         cfg = self.config
         ss, ct = cfg.kem.encapsulate(m1.ek)
-        mine = X25519KeyPair.generate() if cfg.x25519 else None
+        mine = self._x25519_keys() if cfg.x25519 else None
         components = [ss, qkd] + ([mine.exchange(m1.x25519_pub)] if mine else [])
         my_index = self._new_index()
         m2 = RespHello(
