@@ -65,6 +65,13 @@ X25519_SIZE: Final = 32
 QKD_KEY_BITS_DEFAULT: Final = 256
 """Bits of QKD key fetched per rekey (ETSI GS QKD 014 ``size``)."""
 
+QKD_PREFETCH_DEFAULT: Final = 16
+"""QKD keys a master keeps fetched ahead of need (policy ``qkd_prefetch``)."""
+QKD_PREFETCH_RETRY_MAX: Final = 8.0
+"""Seconds: the longest wait between failed prefetch requests."""
+STATUS_POLL_INTERVAL: Final = 5.0
+"""Seconds between ETSI 014 status requests that publish the KME's key stock."""
+
 # --- ETSI GS QKD 014 v1.1.1 ------------------------------------------------------------
 ETSI014_API_PREFIX: Final = "/api/v1/keys"
 """URL prefix of the ETSI GS QKD 014 key delivery API (section 5.1)."""

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
-from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
+from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, STATUS_POLL_INTERVAL
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tun import TunDevice
-from qgate.errors import ConfigError, DataPlaneError, KmsError, QgateError
+from qgate.errors import ConfigError, DataPlaneError, QgateError
 from qgate.keyfiles import load_identity, load_peer_public_key
+from qgate.keysupply import KeyStock
 from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import QkdKey, Status
 from qgate.netconfig import NetHandle, configure_tun
@@ -84,7 +85,9 @@ class _PeerLink:
     policy: PeerPolicy
     engine: Peer
     address: tuple[str, int]
-    kms_busy: set[int] = field(default_factory=set)
+    stock: KeyStock = field(default_factory=lambda: KeyStock(0))
+    next_status_at: float = 0.0
+    kme_ok: bool | None = None
 
 
 def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
@@ -132,7 +135,8 @@ class Gateway:
                 wall_ns=time.time_ns,
                 now=now,
             )
-            self._peers.append(_PeerLink(p, engine, (p.endpoint.host, p.endpoint.port)))
+            stock = KeyStock(p.qkd_prefetch if p.qkd_role == "master" else 0)
+            self._peers.append(_PeerLink(p, engine, (p.endpoint.host, p.endpoint.port), stock))
         self._by_address = {link.address: link for link in self._peers}
         self._routes: RouteTable[_PeerLink] = RouteTable(
             (net, link) for link in self._peers for net in link.policy.subnets
@@ -157,7 +161,6 @@ class Gateway:
             opened = True
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
-            self._probe_kme()
             log.info(
                 "gateway %s up: listening on %s, %d peer(s)",
                 self.policy.name,
@@ -216,30 +219,14 @@ class Gateway:
             self._tun = None
         for link in self._peers:
             link.engine.epochs.clear()
-
-    def _probe_kme(self) -> None:
-        """Ask the KME for its status once at start, so a down KME shows in the log at once."""
-        assert self._loop is not None
-        for link in self._peers:
-            if link.policy.qkd_role != "master":
-                continue
-            future = self._loop.run_in_executor(None, self._kms.status, link.policy.sae_id)
-            future.add_done_callback(functools.partial(self._probe_done, peer=link.policy.name))
-
-    def _probe_done(self, future: asyncio.Future[Status], *, peer: str) -> None:
-        exc = future.exception()
-        if exc is None:
-            log.info(
-                "KME %s reachable; key status for peer %s: %s", self.policy.kme.url, peer, future.result()
-            )
-        else:
-            log.error("KME check failed: %s (handshakes will be retried with backoff)", exc)
+            link.stock.clear()
 
     async def _timer_loop(self) -> None:
         next_stats = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             for link in self._peers:
+                self._supply(link, now)
                 due = link.engine.next_timer()
                 if due is None or due <= now:
                     link.engine.handle_timer(now)
@@ -356,6 +343,10 @@ class Gateway:
         assert self._loop is not None
         peer_sae = link.policy.sae_id
         if isinstance(action, FetchEncKeys):
+            stocked = link.stock.take(action.number) if action.size_bits == link.policy.qkd_key_bits else None
+            if stocked is not None:  # prefetched: no KME round trip on the rekey path
+                self._loop.call_soon(self._keys_ready, link, action, stocked)
+                return
             call = lambda: self._kms.enc_keys(peer_sae, action.number, action.size_bits)  # noqa: E731
         else:
             call = lambda: self._kms.dec_keys(peer_sae, action.key_ids)  # noqa: E731
@@ -365,20 +356,52 @@ class Gateway:
     def _fetched(
         self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, future: asyncio.Future[list[QkdKey]]
     ) -> None:
-        now = time.monotonic()
         exc = future.exception()
         if exc is None:
-            keys = [(k.key_id, k.key) for k in future.result()]
-            if isinstance(action, FetchDecKeys):
-                order = {key_id: i for i, key_id in enumerate(action.key_ids)}
-                keys.sort(key=lambda kv: order.get(kv[0], len(order)))
-            link.engine.keys_fetched(action.request_id, keys, now)
-        elif isinstance(exc, KmsError):
-            link.engine.keys_failed(action.request_id, str(exc), now)
-        else:
+            self._keys_ready(link, action, future.result())
+            return
+        if not isinstance(exc, QgateError):
             log.error("KME request failed unexpectedly", exc_info=exc)
-            link.engine.keys_failed(action.request_id, f"internal error: {type(exc).__name__}", now)
+        reason = str(exc) if isinstance(exc, QgateError) else f"internal error: {type(exc).__name__}"
+        link.engine.keys_failed(action.request_id, reason, time.monotonic())
         self._flush(link)
+
+    def _keys_ready(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, keys: list[QkdKey]) -> None:
+        link.engine.keys_fetched(action.request_id, [(k.key_id, k.key) for k in keys], time.monotonic())
+        self._flush(link)
+
+    def _supply(self, link: _PeerLink, now: float) -> None:
+        """Keep the master's key stock filled and poll the KME's stock (ETSI 014 status)."""
+        assert self._loop is not None
+        if link.policy.qkd_role != "master":
+            return
+        number = link.stock.refill_request(now)
+        if number:
+            call = functools.partial(self._kms.enc_keys, link.policy.sae_id, number, link.policy.qkd_key_bits)
+            self._loop.run_in_executor(None, call).add_done_callback(functools.partial(self._refilled, link))
+        if now >= link.next_status_at:
+            link.next_status_at = now + STATUS_POLL_INTERVAL
+            status = functools.partial(self._kms.status, link.policy.sae_id)
+            self._loop.run_in_executor(None, status).add_done_callback(functools.partial(self._polled, link))
+
+    def _refilled(self, link: _PeerLink, future: asyncio.Future[list[QkdKey]]) -> None:
+        exc = future.exception()
+        if exc is None:
+            link.stock.refill_done(future.result())
+        else:
+            link.stock.refill_failed(time.monotonic())
+            log.log(logging.DEBUG, "prefetch for peer %s failed: %s", link.policy.name, exc)
+
+    def _polled(self, link: _PeerLink, future: asyncio.Future[Status]) -> None:
+        """Publish the KME's stock; log when the KME becomes unreachable or comes back (once each)."""
+        exc = future.exception()
+        ok = exc is None
+        link.stock.stats.kme_stored_key_count = future.result().stored_key_count if ok else None
+        if ok and link.kme_ok is not True:
+            log.info("KME %s answers for peer %s: %s", self.policy.kme.url, link.policy.name, future.result())
+        elif not ok and link.kme_ok is not False:
+            log.error("KME check failed: %s (key requests are retried with backoff)", exc)
+        link.kme_ok = ok
 
     def _log_event(self, event: PeerEvent) -> None:
         """Log a protocol event; warnings are limited to LOG_BURST per kind per second (counted anyway)."""
@@ -410,6 +433,8 @@ class Gateway:
                 "epoch": current.number if current else None,
                 **asdict(engine.stats),
                 **asdict(engine.epochs.stats),
+                "qkd_stock": len(link.stock),
+                **{f"qkd_{k}": v for k, v in asdict(link.stock.stats).items()},
             }
             peers[link.policy.name] = row
             for key, value in row.items():

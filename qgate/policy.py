@@ -145,6 +145,8 @@ class PeerPolicy:
         x25519: also mix an X25519 secret into each handshake (default true).
         fail_mode: what happens when QKD keys stop (only ``qkd_and_pqc``, fail closed, in v1).
         qkd_key_bits: bits of QKD key per rekey (ETSI 014 ``size``, 64-4096, multiple of 8).
+        qkd_prefetch: QKD keys fetched ahead of need (master only; 0-1024, 0 = fetch at each
+            rekey), so a slow KME never stalls a rekey.
         rekey: timing.
     """
 
@@ -158,6 +160,7 @@ class PeerPolicy:
     x25519: bool = True
     fail_mode: FailMode = "qkd_and_pqc"
     qkd_key_bits: int = C.QKD_KEY_BITS_DEFAULT
+    qkd_prefetch: int = C.QKD_PREFETCH_DEFAULT
     rekey: RekeyPolicy = field(default_factory=RekeyPolicy)
 
 
@@ -292,6 +295,12 @@ PEER_QKD_KEY_BITS: Final = Field(
     "QKD key size asked per rekey (ETSI GS QKD 014 size)",
     PeerPolicy.qkd_key_bits,
 )
+PEER_QKD_PREFETCH: Final = Field(
+    "qkd_prefetch",
+    Integer(0, 1024, "keys"),
+    "QKD keys fetched ahead of need by the master, so a slow KME never stalls a rekey (0 = off)",
+    PeerPolicy.qkd_prefetch,
+)
 PEER_REKEY: Final = Field(
     "rekey",
     Section((REKEY_INTERVAL, REKEY_KEM_INTERVAL, REKEY_MAX_KEY_AGE)),
@@ -310,6 +319,7 @@ _PEER_FIELDS: Final[tuple[Field[object], ...]] = (
     PEER_X25519,
     PEER_FAIL_MODE,
     PEER_QKD_KEY_BITS,
+    PEER_QKD_PREFETCH,
     PEER_REKEY,
 )
 
@@ -496,6 +506,7 @@ def _peer(values: Values, ctx: Context) -> PeerPolicy:
         x25519=values.value(PEER_X25519),
         fail_mode=values.value(PEER_FAIL_MODE),
         qkd_key_bits=values.value(PEER_QKD_KEY_BITS),
+        qkd_prefetch=values.value(PEER_QKD_PREFETCH),
         rekey=rekey,
     )
 
