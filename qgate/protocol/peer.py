@@ -222,6 +222,7 @@ class Peer:
     def next_timer(self) -> float | None:
         """Return the monotonic time of the next timer to handle, or None."""
         times = [self._next_attempt_at, self._next_ratchet_at, self._next_kem_at]
+        times.extend(e.expires_at for e in self.epochs.previous)  # drop old keys when their grace ends
         if self._pending is not None:
             times.append(self._pending.started + HANDSHAKE_TIMEOUT)
             if self._pending.fragments:
@@ -661,7 +662,8 @@ class Peer:
         """Seal one inner packet for the peer; None (counted) if no key may be used.
 
         A slave nearing the AES-GCM packet limit (RFC 9001 section 6.6) asks the master for a
-        fresh handshake with a Kick (rate-limited); the master watches its own counter in timers.
+        fresh handshake with a Kick (rate-limited); a master reaching it makes its ratchet timer
+        due at once, since ``handle_timer`` runs only when ``next_timer`` says so.
 
         A slave whose sending epoch is gone or past its age switches to its receive-only epoch
         (its M3/R3 and keepalive were lost): better than dropping, and the master holds it.
@@ -670,12 +672,11 @@ class Peer:
         current = epochs.current
         if epochs.next is not None and (current is None or not epochs.usable(current, now)):
             self._promote(now)
-        elif (
-            self.config.role == "slave"
-            and current is not None
-            and current.send_counter >= AEAD_PACKET_SOFT_LIMIT
-        ):
-            self.send_kick(now)  # only the master rekeys: ask it for a fresh handshake
+        elif current is not None and current.send_counter >= AEAD_PACKET_SOFT_LIMIT:
+            if self.config.role == "slave":
+                self.send_kick(now)  # only the master rekeys: ask it for a fresh handshake
+            elif current.send_counter == AEAD_PACKET_SOFT_LIMIT:
+                self._next_ratchet_at = now  # due at once (step RK-0); later seals keep any backoff
         return epochs.seal(packet, now)
 
     def open(self, datagram: bytes, now: float) -> bytes | None:
