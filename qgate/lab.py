@@ -230,10 +230,14 @@ class Lab:
         wait_until("tcpdump to listen", listening, timeout=10)
         return child
 
-    def start_kmes(self) -> None:
-        """Start both KME simulators (one per gateway namespace) and wait until both listen."""
+    def start_kmes(self, *, rate: int = setup.KME_RATE) -> None:
+        """Start both KME simulators (one per gateway namespace) and wait until both listen.
+
+        Args:
+            rate: simulated QKD key rate of each KME, bits per second.
+        """
         for site, role in (("a", "ga"), ("b", "gb")):
-            self.start(f"kme-{site}", role, setup.kms_sim_argv(sys.executable, self.run_dir, site))
+            self.start(f"kme-{site}", role, setup.kms_sim_argv(sys.executable, self.run_dir, site, rate=rate))
         kmes = [c for c in self.kids.items if c.name.startswith("kme-")]
 
         def listening() -> bool:
@@ -243,15 +247,18 @@ class Lab:
 
         wait_until("both KMEs to listen on port 8443", listening, timeout=KME_TIMEOUT)
 
-    def start_qgate(self, *, rekey: dict[str, float] | None = None) -> list[Child]:
+    def start_qgate(
+        self, *, rekey: dict[str, float] | None = None, kme_rate: int = setup.KME_RATE
+    ) -> list[Child]:
         """Write PKI, identities and policies, start both KMEs, then both gateways; return the gateways.
 
         Args:
             rekey: rekey timing to force into both policies (seconds), else the template's.
+            kme_rate: simulated QKD key rate of each KME, bits per second.
         """
         setup.make_pki_and_identities(self.run_dir)
         setup.write_policies(self.run_dir, rekey=rekey)
-        self.start_kmes()
+        self.start_kmes(rate=kme_rate)
         return self.start_gateways()
 
     def start_gateways(self) -> list[Child]:

@@ -37,6 +37,8 @@ TUN_NAME: Final = "qgtun0"
 TUN_MTU: Final = 1420
 LAB_REKEY: Final = {"interval": 1.0, "kem_interval": 4.0, "max_key_age": 3.0}
 """Seconds: the lab's rekey timing (QKD ratchet, full ML-KEM handshake, hard key age)."""
+KME_RATE: Final = 100_000
+"""Bits per second: the simulated QKD key rate of each lab KME (``kms-sim --rate``)."""
 
 SITES: Final[dict[str, dict[str, str]]] = {
     "a": {"name": "site-a", "peer": "b", "wan": net.GW_A_WAN, "sae": "SAE_A", "kme": "KME_A",
@@ -151,7 +153,7 @@ def write_payload(run_dir: Path, size: int) -> bytes:
     return data
 
 
-def kms_sim_argv(python: str, run_dir: Path, site: str, *, rate: int = 100_000) -> list[str]:
+def kms_sim_argv(python: str, run_dir: Path, site: str, *, rate: int = KME_RATE) -> list[str]:
     """Return the ``qgate kms-sim`` command of ``site``'s KME (run in that gateway's namespace).
 
     Args:

@@ -2,8 +2,8 @@
 
 Run inside the host namespaces as ``python -m qgate.lab_traffic recv|send ...``. Each prints
 JSON lines on its stdout (a pipe read by the lab): the receiver ``{"ready": true}`` once it
-listens, then ``{"bytes": N, "sha256": HEX, "seconds": T}``; the sender
-``{"bytes": N, "sha256": HEX, "seconds": T}``.
+listens, then ``{"bytes": N, "sha256": HEX, "seconds": T}``; the sender (a file, or ``--rate`` bytes/s of
+fresh random bytes) ``{"bytes": N, "sha256": HEX, "seconds": T}``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import socket
 import statistics
@@ -82,6 +83,34 @@ def send(target: str, payload: bytes, seconds: float) -> dict[str, object]:
     return {"bytes": sent, "sha256": hashlib.sha256(payload).hexdigest(), "seconds": round(elapsed, 3)}
 
 
+def send_stream(target: str, rate: float, seconds: float) -> dict[str, object]:
+    """Send fresh random bytes (os.urandom) to ``target`` over one TCP connection, paced.
+
+    Like :func:`send`, without holding the payload in memory: ``round(rate * seconds)`` bytes
+    at ``rate`` bytes per second in 32 KiB chunks, hashed as they go out.
+
+    Returns:
+        ``{"bytes": sent bytes, "sha256": hex digest of what was sent, "seconds": duration}``.
+    """
+    total = round(rate * seconds)
+    digest = hashlib.sha256()
+    with socket.create_connection(_hostport(target), timeout=SOCKET_TIMEOUT) as conn:
+        start = time.monotonic()
+        sent = 0
+        while sent < total:
+            delay = start + sent / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            chunk = os.urandom(min(CHUNK, total - sent))
+            conn.sendall(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)  # wait for the receiver to close: everything arrived
+    elapsed = time.monotonic() - start
+    return {"bytes": sent, "sha256": digest.hexdigest(), "seconds": round(elapsed, 3)}
+
+
 @dataclass(frozen=True)
 class PingResult:
     """Parsed ``ping`` output.
@@ -140,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     recv_p = sub.add_parser("recv", help="receive one TCP stream and hash it")
     recv_p.add_argument("--listen", required=True, help="ip:port")
-    send_p = sub.add_parser("send", help="send a file over TCP, paced")
+    send_p = sub.add_parser("send", help="send a file (or --rate random bytes/s) over TCP, paced")
     send_p.add_argument("--to", required=True, help="ip:port")
-    send_p.add_argument("--file", required=True, type=Path)
+    what = send_p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--file", type=Path)
+    what.add_argument("--rate", type=float, help="bytes/s of fresh random bytes (no file)")
     send_p.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args(argv)
     try:
         if args.cmd == "recv":
             _emit(receive(args.listen))
+        elif args.file is None:
+            _emit(send_stream(args.to, args.rate, args.seconds))
         else:
             _emit(send(args.to, args.file.read_bytes(), args.seconds))
     except OSError as exc:

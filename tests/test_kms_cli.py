@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from qgate.cli.kms import kms_sim, pki
-from qgate.errors import KmsUnavailableError
+from qgate.errors import KmsBadAnswerError, KmsUnavailableError
 from qgate.kms.client import Etsi014Client
+from qgate.kms.faults import FaultAdminClient
 
 RUN_KMS_SIM = "from qgate.cli.kms import kms_sim; kms_sim()"
 
@@ -95,10 +96,25 @@ def test_kms_sim_command_explains_bad_settings_in_words(tmp_path: Path) -> None:
             kms_sim_args(tmp_path, "--burst-period", "1", "--burst-duration", "5"),
             "burst duration (5.0 s) must be between 0 and the burst period (1.0 s)",
         ),
+        (
+            kms_sim_args(tmp_path, "--burst-bits", "1000"),
+            "burst bits must be >= 0 and need a burst period > 0",
+        ),
     ]
     for args, message in cases:
         result = CliRunner().invoke(kms_sim, args)
         assert result.exit_code == 1 and message in result.output, result.output
+    usage_errors = [
+        (kms_sim_args(tmp_path, "--fault", "explode"), "fault kind must be one of"),
+        (kms_sim_args(tmp_path, "--fault", "error:code=200"), "code must be an integer in 400..599"),
+        (
+            kms_sim_args(tmp_path, "--rate", "10", "--burst-bits", "9", "--burst-period", "1"),
+            "with --burst-bits give only --burst-period",
+        ),
+    ]
+    for args, message in usage_errors:
+        result = CliRunner().invoke(kms_sim, args)
+        assert result.exit_code == 2 and message in result.output, result.output
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -194,3 +210,55 @@ def test_kms_sim_processes_serve_a_key_pair_and_stop_on_sigterm(
         assert secret.hex() not in err
         for key in keys:
             assert key.key.reveal().hex() not in err
+
+
+def test_kms_sim_help_documents_rates_faults_and_the_admin_api() -> None:
+    result = CliRunner().invoke(kms_sim, ["--help"])
+    assert result.exit_code == 0
+    for text in (
+        "--burst-bits",
+        "--fault",
+        "--admin",
+        "wrong_size",
+        "down:seconds=T",
+        "/kme/v1/admin/faults",
+    ):
+        assert text in result.output
+
+
+def test_kms_sim_process_starts_with_faults_and_takes_new_ones_from_the_admin(tmp_path: Path) -> None:
+    made = CliRunner().invoke(
+        pki, ["--out", str(tmp_path), "--kme", "KME_A", "--kme", "KME_B", "--sae", "SAE_A", "--sae", "ADMIN"]
+    )
+    assert made.exit_code == 0, made.output
+    port = free_port()
+    args = [a if a != "127.0.0.1:0" else f"127.0.0.1:{port}" for a in kms_sim_args(tmp_path)]
+    args += ["--peer-sae", "SAE_B", "--initial-key-count", "5", "--rate", "0", "--admin", "ADMIN"]
+    args += ["--fault", "error:code=422,body=html,endpoint=status,count=1"]
+    proc = Proc([sys.executable, "-c", RUN_KMS_SIM, *args])
+    try:
+        deadline = time.monotonic() + 15
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline and proc.popen.poll() is None
+            time.sleep(0.05)
+        master = client(tmp_path, port, "SAE_A")
+        with pytest.raises(KmsBadAnswerError) as info:
+            master.status("SAE_B")
+        assert info.value.status == 422
+        assert master.status("SAE_B").stored_key_count == 5
+        admin = FaultAdminClient(
+            f"https://127.0.0.1:{port}",
+            ca=tmp_path / "ca.pem",
+            cert=tmp_path / "ADMIN.pem",
+            key=tmp_path / "ADMIN.key",
+        )
+        assert admin.faults() == []
+        admin.inject("error", code=503, endpoint="status")
+        with pytest.raises(KmsUnavailableError):
+            master.status("SAE_B")
+        assert admin.clear() == 1
+        assert master.status("SAE_B").stored_key_count == 5
+    finally:
+        code, _out, err = proc.stop()
+    assert code == 0, err
+    assert "admins ['ADMIN']" in err and "fault 1 on: error(code=422, body=html) on status" in err

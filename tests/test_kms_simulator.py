@@ -144,6 +144,30 @@ def test_pool_in_bursts_releases_only_during_each_pass() -> None:
     assert pool.available(11.0) == 30
 
 
+def test_pool_in_passes_of_burst_bits_releases_each_pass_at_once() -> None:
+    schedule = ReleaseSchedule(0.0, burst_period=10.0, burst_bits=256 * 30)  # 30 blocks per pass
+    pool = OutgoingPool(schedule, key_size=256, max_key_count=1000, start=5.0)
+    assert pool.available(5.0) == 0  # pass 0 came at t=0, before the KME started
+    assert pool.available(9.99) == 0  # nothing between passes
+    assert pool.available(10.0) == 30  # the whole pass at the start of the period
+    assert pool.take(20, 15.0) == 30  # pass 1 (blocks 30..59) follows pass 0 (blocks 0..29)
+    assert pool.available(20.0) == 40
+
+
+def test_pool_in_passes_of_burst_bits_spreads_a_pass_over_its_duration() -> None:
+    schedule = ReleaseSchedule(0.0, burst_period=10.0, burst_duration=4.0, burst_bits=256 * 40)
+    pool = OutgoingPool(schedule, key_size=256, max_key_count=25, start=0.0)
+    assert pool.available(1.0) == 10  # 10 blocks per second during the pass
+    assert pool.available(4.0) == 25  # capped at max_key_count: the rest of the pass is lost
+    assert pool.available(9.0) == 25
+
+
+def test_steady_rate_and_old_style_passes_are_unchanged_by_burst_bits() -> None:
+    assert ReleaseSchedule(100.0).bits_released(3.0) == 300.0
+    old_style = ReleaseSchedule(100.0, burst_period=10.0, burst_duration=2.0)
+    assert old_style.pass_bits == 200.0 and old_style.bits_released(25.0) == 600.0
+
+
 def test_pool_take_refuses_more_than_stored_without_consuming() -> None:
     pool = OutgoingPool(ReleaseSchedule(0.0), key_size=256, max_key_count=10, start=0.0, initial=3)
     assert pool.take(4, 1.0) is None
@@ -174,6 +198,9 @@ def test_config_check_rejects_inconsistent_settings() -> None:
         replace(base, min_key_size=512),
         replace(base, max_key_size=1 << 20),
         replace(base, burst_period=1.0, burst_duration=2.0),
+        replace(base, burst_bits=1000),  # passes need a period
+        replace(base, burst_period=1.0, burst_bits=-1),
+        replace(base, admins=("bad id",)),
     ):
         with pytest.raises(ConfigError):
             Kme(bad)
@@ -448,6 +475,35 @@ def test_slave_refuses_a_reported_key_index_far_from_now(pair: Pair) -> None:
     }
     status, answer = call(pair.b, "POST", DELIVERED_PATH, "KME_A", report)
     assert status == 400 and "too far" in str(answer)
+
+
+def test_kme_in_passes_serves_keys_only_after_a_pass() -> None:
+    clock = Clock()
+    clock.now = 1005.0
+    config = KmeConfig(
+        kme_id="KME_A",
+        peer_kme_id="KME_B",
+        saes=("SAE_A",),
+        link_secret=SECRET,
+        peer_saes=("SAE_B",),
+        burst_period=10.0,
+        burst_bits=256 * 8,
+    )
+    kme = Kme(config, clock=clock)
+    assert kme.stored_key_count() == 0
+    clock.now = 1010.0
+    assert kme.stored_key_count() == 8
+
+
+def test_forget_drops_the_waiting_keys_a_dec_keys_request_names(pair: Pair) -> None:
+    status, answer = enc(pair.a, "SAE_A", "SAE_B", {"number": 2})
+    assert status == 200
+    lost, kept = key_ids(answer)
+    body = json.dumps({"key_IDs": [{"key_ID": lost}, {"key_ID": "no-such-id"}]}).encode()
+    assert pair.b.forget("POST", {}, body) == [lost]
+    assert pair.b.forget("POST", {}, b"{not json") == []
+    assert dec(pair.b, "SAE_B", "SAE_A", [lost])[0] == 400
+    assert dec(pair.b, "SAE_B", "SAE_A", [kept])[0] == 200
 
 
 def test_burst_mode_indexes_the_stream_by_burst_number() -> None:

@@ -44,9 +44,9 @@ def _parse_listen(value: str) -> tuple[str, int]:
 @click.option(
     "--rate",
     type=click.FloatRange(min=0),
-    default=100_000.0,
-    show_default=True,
-    help="Key released per direction, bits/s.",
+    default=None,
+    help="Steady key release per direction, bits/s, like a fibre link [default: 100000]. With "
+    "--burst-period and no --burst-bits: the rate during each pass.",
 )
 @click.option(
     "--max-key-count",
@@ -81,18 +81,25 @@ def _parse_listen(value: str) -> tuple[str, int]:
     help="Keys stored at start.",
 )
 @click.option(
+    "--burst-bits",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Satellite passes: bits released per direction by each pass, nothing between passes "
+    "(needs --burst-period; not with --rate).",
+)
+@click.option(
     "--burst-period",
     type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
-    help="Seconds per burst cycle (0: steady, like fibre).",
+    help="Seconds from one pass to the next (0: steady release at --rate).",
 )
 @click.option(
     "--burst-duration",
     type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
-    help="Seconds of key release per cycle (a satellite pass).",
+    help="Seconds each pass lasts, its key spread evenly over it (0: all at the start of the period).",
 )
 @click.option("--sae", "saes", multiple=True, required=True, help="An SAE ID attached to this KME (repeat).")
 @click.option(
@@ -100,6 +107,23 @@ def _parse_listen(value: str) -> tuple[str, int]:
     "peer_saes",
     multiple=True,
     help="An SAE ID attached to the peer KME (repeat; default: ask the peer).",
+)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="KIND[:NAME=VALUE,...]",
+    help="Misbehave from the start (repeat; kinds below), e.g. error:code=500,body=html,endpoint=enc_keys,"
+    "count=3.",
+)
+@click.option(
+    "--admin",
+    "admins",
+    multiple=True,
+    metavar="CN",
+    help="Client certificate CN allowed to change faults at run time (repeat), over mutual TLS on this "
+    "KME's port: GET|POST|DELETE /kme/v1/admin/faults, DELETE /kme/v1/admin/faults/ID. E.g. ADMIN "
+    "from 'qgate pki --sae ADMIN', or the peer KME's ID. Default: nobody.",
 )
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def kms_sim(
@@ -111,26 +135,60 @@ def kms_sim(
     peer_kme_id: str,
     peer_url: str | None,
     link_secret_file: Path,
-    rate: float,
+    rate: float | None,
     max_key_count: int,
     key_size: int,
     min_key_size: int,
     max_key_size: int,
     max_key_per_request: int,
     initial_key_count: int,
+    burst_bits: int | None,
     burst_period: float,
     burst_duration: float,
     saes: tuple[str, ...],
     peer_saes: tuple[str, ...],
+    faults: tuple[str, ...],
+    admins: tuple[str, ...],
     log_level: str,
 ) -> None:
-    """Run one simulated ETSI GS QKD 014 KME in the foreground until SIGINT/SIGTERM."""
+    """Run one simulated ETSI GS QKD 014 KME in the foreground until SIGINT/SIGTERM.
+
+    Key release: steady at --rate bits/s (fibre), or --burst-bits per pass every --burst-period
+    seconds (satellite).
+
+    Faults, given with --fault at start or POSTed as JSON by an --admin certificate:
+
+    \b
+      delay:seconds=S            sleep S s, then answer
+      error:code=C[,body=B]      answer HTTP C (400..599), body json|html|empty
+      short[:missing=N]          200 with N keys fewer than asked
+      repeat_id                  200 with a key_ID twice
+      wrong_size[:bits=N]        200 with keys of N bits (default: size in bytes)
+      forget                     dec_keys: drop the key_IDs, answer 400 unknown key_ID
+      close                      serve (keys consumed), close without an answer
+      down:seconds=T[,after=S]   after S s refuse connections for T s
+    All but down take endpoint=status|enc_keys|dec_keys and count=N (default: every
+    endpoint, until cleared).
+
+    \b
+    Admin API (mutual TLS, this KME's port, CN given with --admin):
+      curl --cacert ca.pem --cert ADMIN.pem --key ADMIN.key https://127.0.0.1:8443/kme/v1/admin/faults \\
+        -d '{"kind": "error", "code": 503, "endpoint": "enc_keys", "count": 2}'
+      GET lists the faults, DELETE .../faults clears all, DELETE .../faults/ID one.
+    """
     from qgate.crypto.secret import Secret
+    from qgate.kms.faults import parse_fault_option
     from qgate.kms.sim_server import run_kme
     from qgate.kms.simulator import KmeConfig
 
     setup_logging(log_level)
     address = _parse_listen(listen)
+    if burst_bits is not None and rate is not None:
+        raise click.UsageError("--rate is the steady release; with --burst-bits give only --burst-period")
+    try:
+        fault_specs = [parse_fault_option(text) for text in faults]
+    except QgateError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
     try:
         config = KmeConfig(
             kme_id=kme_id,
@@ -138,7 +196,7 @@ def kms_sim(
             saes=saes,
             link_secret=Secret(link_secret_file.read_bytes()),
             peer_saes=peer_saes,
-            rate=rate,
+            rate=100_000.0 if rate is None else rate,
             max_key_count=max_key_count,
             key_size=key_size,
             min_key_size=min_key_size,
@@ -146,9 +204,11 @@ def kms_sim(
             max_key_per_request=max_key_per_request,
             burst_period=burst_period,
             burst_duration=burst_duration,
+            burst_bits=burst_bits,
             initial_key_count=initial_key_count,
+            admins=admins,
         )
-        run_kme(config, listen=address, ca=ca, cert=cert, key=key, peer_url=peer_url)
+        run_kme(config, listen=address, ca=ca, cert=cert, key=key, peer_url=peer_url, faults=fault_specs)
     except (QgateError, OSError) as exc:
         fail(exc)
 

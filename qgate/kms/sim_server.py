@@ -4,7 +4,8 @@ The server is a stdlib ``ThreadingHTTPServer``; the TLS handshake runs in each c
 thread (a stalled client never blocks ``accept``). A client without a certificate signed by the
 lab CA fails the handshake; the verified certificate's subject CN is the caller's identity
 (ETSI GS QKD 014 section 4), never a request field. All logic sits in
-:class:`qgate.kms.simulator.Kme`.
+:class:`qgate.kms.simulator.Kme`; injected faults (:mod:`qgate.kms.faults`) are applied here,
+including ``down`` (:meth:`KmeService.go_down`: the listening socket is closed, then bound again).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
@@ -28,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from qgate.errors import ConfigError, KmsBadAnswerError
 from qgate.kms import etsi014
 from qgate.kms.client import MtlsHttps, peer_common_name, server_context
+from qgate.kms.faults import ADMIN_PATH, FaultControl, FaultSpec, etsi_endpoint, serve_with_fault
 from qgate.kms.simulator import DELIVERED_PATH, INFO_PATH, Kme, KmeConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ MAX_REQUEST_BODY: Final = 64 * 1024
 """Bytes: the largest request body read (128 key_IDs need under 8 KiB)."""
 PEER_TIMEOUT: Final = 5.0
 """Seconds for each KME-to-KME request."""
+SERVE_POLL: Final = 0.1
+"""Seconds between checks for a stop request while serving (how fast stop and ``down`` act)."""
+REBIND_RETRY: Final = 0.5
+"""Seconds between attempts to listen again after a ``down`` fault, while the port is taken."""
 
 
 class HttpsPeerLink:
@@ -92,14 +98,18 @@ class KmeHttpServer(ThreadingHTTPServer):
         address: ``(host, port)`` to listen on; port 0 picks a free one (see ``server_address``).
         kme: the KME answering requests.
         context: server TLS context that requires client certificates.
+        faults: the faults to apply and the admin API; default: none and no admin.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], kme: Kme, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, address: tuple[str, int], kme: Kme, context: ssl.SSLContext, faults: FaultControl | None = None
+    ) -> None:
         self.kme = kme
         self.tls_context = context
+        self.faults = faults if faults is not None else FaultControl()
         super().__init__(address, _Handler)
 
     def finish_request(
@@ -139,7 +149,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._refuse_method()
 
     def do_DELETE(self) -> None:
-        self._refuse_method()
+        if urlsplit(self.path).path.startswith(ADMIN_PATH):
+            self._serve("DELETE")
+        else:
+            self._refuse_method()
 
     def do_PATCH(self) -> None:
         self._refuse_method()
@@ -175,17 +188,25 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         body = self._body()
+        faults = self.server.faults
         if body is None:
-            status, answer = 400, etsi014.encode_error("bad or too large request body")
+            self._answer(400, etsi014.encode_error("bad or too large request body"))
+        elif url.path.startswith(ADMIN_PATH):
+            self._answer(*faults.admin(method, url.path, body, caller))
+        elif (fault := faults.table.take(etsi_endpoint(url.path))) is not None:
+            faulty = serve_with_fault(fault, self.server.kme, (method, url.path, query, body, caller))
+            if faulty.close_without_answer:
+                self.close_connection = True  # the request was served; the answer is "lost"
+                return
+            self._answer(faulty.status, faulty.body, faulty.content_type)
         else:
-            status, answer = self.server.kme.handle(method, url.path, query, body, caller)
-        self._answer(status, answer)
+            self._answer(*self.server.kme.handle(method, url.path, query, body, caller))
 
-    def _answer(self, status: int, answer: bytes) -> None:
+    def _answer(self, status: int, answer: bytes, content_type: str = "application/json") -> None:
         self.send_response(status)
         if status == 405:
             self.send_header("Allow", "GET, POST")
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(answer)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
@@ -205,13 +226,29 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
-@dataclass
 class KmeService:
-    """A KME with its HTTPS server, served from a background thread (tests, ``run_kme``)."""
+    """A KME with its HTTPS server, served from a background thread (tests, ``run_kme``).
 
-    kme: Kme
-    server: KmeHttpServer
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    Build it with :meth:`bind`. ``server`` is replaced when the KME comes back after a ``down``
+    fault (same address and port).
+
+    Attributes:
+        kme: the KME.
+        server: the HTTPS server currently bound (closed while down).
+        faults: the KME's faults and admin API.
+    """
+
+    def __init__(self, kme: Kme, server: KmeHttpServer, context: ssl.SSLContext) -> None:
+        self.kme = kme
+        self.server = server
+        self.faults = server.faults
+        self.faults.on_down = self.go_down
+        self._context = context
+        self._address = (str(server.server_address[0]), int(server.server_address[1]))
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._down = False
 
     @classmethod
     def bind(
@@ -227,26 +264,77 @@ class KmeService:
         kme = Kme(config)
         context = server_context(ca=ca, cert=cert, key=key)
         try:
-            server = KmeHttpServer(listen, kme, context)
+            server = KmeHttpServer(listen, kme, context, FaultControl(config.admins))
         except OSError as exc:
             where = f"[{listen[0]}]:{listen[1]}" if ":" in listen[0] else f"{listen[0]}:{listen[1]}"
             raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
-        return cls(kme, server)
+        return cls(kme, server, context)
 
     @property
     def port(self) -> int:
-        """The TCP port actually bound."""
-        return int(self.server.server_address[1])
+        """The TCP port bound (kept across a ``down`` fault)."""
+        return self._address[1]
 
     def start(self) -> None:
         """Serve in a daemon thread."""
         self._thread = threading.Thread(
-            target=self.server.serve_forever, name=f"kms-sim-{self.kme.config.kme_id}", daemon=True
+            target=self.server.serve_forever,
+            args=(SERVE_POLL,),
+            name=f"kms-sim-{self.kme.config.kme_id}",
+            daemon=True,
         )
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket (in-flight requests finish on their own)."""
+        """Stop serving and close the listening socket (in-flight requests finish on their own).
+
+        Also ends a ``down`` fault in progress: the KME does not come back.
+        """
+        self._closed.set()
+        with self._lock:
+            self._halt()
+
+    def go_down(self, fault: FaultSpec) -> None:
+        """Fault ``down``: after ``fault.after`` seconds stop listening (new connections are
+        refused) for ``fault.seconds`` seconds, then listen again on the same address.
+
+        Returns at once (the outage runs in its own thread); ignored while already down.
+        """
+        threading.Thread(
+            target=self._outage, args=(fault.seconds, fault.after), name="kms-sim-down", daemon=True
+        ).start()
+
+    def _outage(self, seconds: float, after: float) -> None:
+        if self._closed.wait(after):
+            return
+        with self._lock:
+            if self._closed.is_set() or self._down:
+                return
+            self._down = True
+            self._halt()
+        log.warning("fault: KME %s down for %.1f s", self.kme.config.kme_id, seconds)
+        if self._closed.wait(seconds):
+            return
+        while not self._comeback():
+            if self._closed.wait(REBIND_RETRY):
+                return
+        log.warning("fault: KME %s listening again on port %d", self.kme.config.kme_id, self.port)
+
+    def _comeback(self) -> bool:
+        """Bind and serve again; False if the address cannot be bound yet."""
+        with self._lock:
+            if self._closed.is_set():
+                return True
+            try:
+                self.server = KmeHttpServer(self._address, self.kme, self._context, self.faults)
+            except OSError as exc:
+                log.error("KME cannot listen again on port %d yet: %s", self.port, exc)
+                return False
+            self._down = False
+            self.start()
+            return True
+
+    def _halt(self) -> None:
         if self._thread is not None:
             self.server.shutdown()
             self._thread.join()
@@ -262,8 +350,16 @@ def run_kme(
     cert: Path,
     key: Path,
     peer_url: str | None,
+    faults: Sequence[FaultSpec] = (),
 ) -> None:
     """Run one KME in the foreground until SIGINT or SIGTERM (``qgate kms-sim``).
+
+    Args:
+        config: the KME's settings (``config.admins`` may call the fault admin API).
+        listen: ``(host, port)`` to serve HTTPS on.
+        ca, cert, key: lab CA, this KME's certificate (CN = ``config.kme_id``) and key.
+        peer_url: the peer KME's base URL; None: enc_keys answers 503.
+        faults: faults active from the start (``--fault``); a ``down`` one starts the outage.
 
     Raises:
         ConfigError: bad config, URL or certificate files.
@@ -283,15 +379,22 @@ def run_kme(
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for fault in faults:  # request faults act from the first request on
+        if fault.kind != "down":
+            service.faults.inject(fault)
     service.start()
+    for fault in faults:
+        if fault.kind == "down":
+            service.faults.inject(fault)
     log.info(
-        "KME %s listening on %s:%d (SAEs %s; peer %s at %s)",
+        "KME %s listening on %s:%d (SAEs %s; peer %s at %s; admins %s)",
         config.kme_id,
         listen[0],
         service.port,
         list(config.saes),
         config.peer_kme_id,
         peer_url,
+        list(config.admins),
     )
     try:
         while not stop.wait(1.0):

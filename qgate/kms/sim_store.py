@@ -6,10 +6,10 @@ KME_B). Block ``i`` of a direction is known to both KMEs by derivation from the 
 they never exchange key bytes; the two directions never share a block, so both KMEs can act as
 master at once without collisions.
 
-* :class:`OutgoingPool` (master side): blocks of ``key_size`` bits are released at ``rate``
-  bits/s (steadily, or only during the first ``burst_duration`` seconds of every
-  ``burst_period``, like satellite passes) into a store of at most ``max_key_count`` blocks; the
-  overflow is lost. A delivered key of ``size`` bits consumes ``ceil(size / key_size)``
+* :class:`OutgoingPool` (master side): blocks of ``key_size`` bits are released (steadily at
+  ``rate`` bits/s like fibre, or ``burst_bits`` per pass every ``burst_period`` seconds like
+  satellite passes, :class:`ReleaseSchedule`) into a store of at most ``max_key_count``
+  blocks; the overflow is lost. A delivered key of ``size`` bits consumes ``ceil(size / key_size)``
   consecutive blocks and is named by its first block's index.
 * :class:`IncomingStore` (slave side): keys the peer KME reported as delivered to its master SAE,
   waiting for the slave SAE's dec_keys; each is handed out once and then forgotten.
@@ -97,27 +97,40 @@ class LinkKeys:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseSchedule:
-    """How fast the link releases key: ``rate`` bits/s, steady or in bursts.
+    """How the link releases key: steadily at ``rate`` bits/s (fibre), or in passes (satellite).
 
     Attributes:
-        rate: bits per second while releasing (>= 0).
-        burst_period: seconds of one burst cycle; 0 means steady release.
-        burst_duration: seconds at the start of each cycle during which key is released.
+        rate: bits per second of steady release (>= 0); in passes without ``burst_bits``, the
+            rate during each pass.
+        burst_period: seconds of one pass cycle; 0 means steady release.
+        burst_duration: seconds the pass at the start of each cycle lasts; 0: its key comes at
+            once at the start of the cycle.
+        burst_bits: bits released per pass; None: ``rate * burst_duration``.
     """
 
     rate: float
     burst_period: float = 0.0
     burst_duration: float = 0.0
+    burst_bits: float | None = None
+
+    @property
+    def pass_bits(self) -> float:
+        """Bits released by one pass."""
+        return self.burst_bits if self.burst_bits is not None else self.rate * self.burst_duration
 
     def bits_released(self, elapsed: float) -> float:
         """Bits released during the first ``elapsed`` seconds (>= 0) since the origin (Unix epoch).
 
-        In bursts, burst number ``elapsed // burst_period`` starts at ``n * burst_period``.
+        In passes, pass number ``n = elapsed // burst_period`` starts at ``n * burst_period``
+        and releases ``pass_bits`` evenly over ``burst_duration`` (all at once if that is 0).
         """
         if self.burst_period <= 0:
             return self.rate * elapsed
         cycles, rest = divmod(elapsed, self.burst_period)
-        return self.rate * (cycles * self.burst_duration + min(rest, self.burst_duration))
+        bits = self.pass_bits
+        if self.burst_duration <= 0:
+            return (cycles + 1) * bits
+        return cycles * bits + bits * min(rest, self.burst_duration) / self.burst_duration
 
 
 class OutgoingPool:
@@ -243,6 +256,13 @@ class IncomingStore:
             del self._waiting[key.key_id]
             self._consume(key.index)
         return found
+
+    def forget(self, key_ids: Sequence[str]) -> list[str]:
+        """Drop the waiting keys among ``key_ids`` for good (a KME losing them); return their IDs."""
+        forgotten = [k for k in key_ids if k in self._waiting]
+        for key_id in forgotten:
+            self._consume(self._waiting.pop(key_id).index)
+        return forgotten
 
     def _consume(self, index: int) -> None:
         self._consumed.add(index)

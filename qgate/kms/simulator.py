@@ -13,6 +13,9 @@ Endpoints:
 * ``POST /kme/v1/delivered`` (peer KME only): key_IDs the peer handed to its master SAE,
 * ``GET /kme/v1/info`` (peer KME only): ``{"KME_ID": ..., "SAE_IDs": [...]}``.
 
+Injected faults and their admin API (``/kme/v1/admin/faults``) live in :mod:`qgate.kms.faults`
+and are applied by the HTTPS server, around :meth:`Kme.handle`.
+
 Errors: 400 bad request (bad parameters, unknown slave SAE, unknown key_ID), 401 caller not
 allowed, 404/405 unknown endpoint or method, 503 not enough key or the peer KME unreachable; all
 with the section 6.5 body ``{"message": ..., "details": [...]}``.
@@ -69,15 +72,21 @@ class KmeConfig:
         saes: SAE IDs attached to this KME (certificate CNs allowed to call the ETSI API).
         link_secret: shared secret of the simulated QKD link (>= MIN_LINK_SECRET bytes).
         peer_saes: SAE IDs attached to the peer; empty: ask the peer (``/kme/v1/info``).
-        rate: key released per direction, bits/s.
+        rate: key released per direction, bits/s: steadily (fibre), or during each pass when
+            ``burst_period`` > 0 and ``burst_bits`` is None.
         max_key_count: keys of ``key_size`` bits stored per direction at most.
         key_size: default key size (Status ``key_size``), a multiple of 8.
         min_key_size: smallest ``size`` a request may ask for, a multiple of 8.
         max_key_size: largest ``size`` a request may ask for (<= MAX_DERIVED_KEY_BITS).
         max_key_per_request: largest ``number`` a request may ask for.
-        burst_period: seconds per burst cycle (0: steady release).
-        burst_duration: seconds of release at the start of each cycle.
+        burst_period: seconds per pass cycle (0: steady release at ``rate``).
+        burst_duration: seconds each pass lasts, at the start of its cycle (0: its key comes at
+            once).
+        burst_bits: bits released per direction by each pass (satellite); None:
+            ``rate * burst_duration``.
         initial_key_count: keys stored when the KME starts.
+        admins: client certificate CNs allowed to call the fault admin API
+            (``qgate.kms.faults``); empty: nobody.
     """
 
     kme_id: str
@@ -93,11 +102,14 @@ class KmeConfig:
     max_key_per_request: int = 128
     burst_period: float = 0.0
     burst_duration: float = 0.0
+    burst_bits: int | None = None
     initial_key_count: int = 0
+    admins: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Raise ConfigError naming the first inconsistent setting."""
         ids = [self.kme_id, self.peer_kme_id, *self.saes, *self.peer_saes]
+        admins_ok = all(etsi014.valid_id(i, etsi014.SAE_ID_MAX_LEN) for i in self.admins)
         problems = [
             (not all(etsi014.valid_id(i, etsi014.SAE_ID_MAX_LEN) for i in ids), "invalid KME or SAE ID"),
             (len(set(ids)) != len(ids), "KME and SAE IDs must all differ"),
@@ -115,7 +127,12 @@ class KmeConfig:
                 f"burst duration ({self.burst_duration} s) must be between 0 and the burst period "
                 f"({self.burst_period} s)",
             ),
+            (
+                self.burst_bits is not None and (self.burst_bits < 0 or self.burst_period <= 0),
+                "burst bits must be >= 0 and need a burst period > 0",
+            ),
             (self.initial_key_count < 0, "initial_key_count must be >= 0"),
+            (not admins_ok, "invalid admin CN"),
         ]
         for failed, text in problems:
             if failed:
@@ -163,7 +180,7 @@ class Kme:
         self._link = LinkKeys(config.link_secret)
         self._out_direction = f"{config.kme_id}>{config.peer_kme_id}"
         self._in_direction = f"{config.peer_kme_id}>{config.kme_id}"
-        schedule = ReleaseSchedule(config.rate, config.burst_period, config.burst_duration)
+        schedule = ReleaseSchedule(config.rate, config.burst_period, config.burst_duration, config.burst_bits)
         self._pool = OutgoingPool(
             schedule,
             key_size=config.key_size,
@@ -204,6 +221,27 @@ class Kme:
         """Keys of ``key_size`` bits ready for this KME's master SAEs now."""
         with self._lock:
             return self._pool.available(self._clock())
+
+    def forget(self, method: str, query: Query, body: bytes) -> list[str]:
+        """Drop for good the waiting keys a dec_keys request names (fault ``forget``).
+
+        A KME that lost them answers the request with 400 "unknown key_ID" afterwards.
+
+        Args:
+            method, query, body: the dec_keys request (GET query or POST body, section 5.3).
+
+        Returns:
+            The key_IDs dropped (none if the request is malformed).
+        """
+        try:
+            key_ids = _key_ids_request(method, query, body)
+        except _Rejected:
+            return []
+        with self._lock:
+            forgotten = self._incoming.forget(key_ids)
+        if forgotten:
+            log.warning("fault: forgot delivered key_IDs %s", forgotten)
+        return forgotten
 
     def waiting_key_count(self) -> int:
         """Keys delivered by the peer's master SAEs and not yet fetched by our slave SAEs."""
