@@ -103,6 +103,7 @@ def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
         interval=p.rekey.interval,
         kem_interval=p.rekey.kem_interval,
         max_key_age=p.rekey.max_key_age,
+        fail_mode=p.fail_mode,
     )
 
 
@@ -406,6 +407,13 @@ class Gateway:
     def _log_event(self, event: PeerEvent) -> None:
         """Log a protocol event; warnings are limited to LOG_BURST per kind per second (counted anyway)."""
         detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
+        if event.kind == "mode_change" and event.detail.get("new") == "degraded":
+            log.warning(
+                "%s %s: running on ML-KEM/X25519 only (policy fail_mode pqc_only_if_qkd_down)",
+                event.kind,
+                detail,
+            )
+            return
         if event.kind not in _WARN_EVENTS:
             log.info("%s %s", event.kind, detail)
             return
@@ -431,6 +439,8 @@ class Gateway:
                 "role": link.policy.qkd_role,
                 "established": engine.established,
                 "epoch": current.number if current else None,
+                "mode": engine.mode,
+                "fail_mode": link.policy.fail_mode,
                 **asdict(engine.stats),
                 **asdict(engine.epochs.stats),
                 "qkd_stock": len(link.stock),

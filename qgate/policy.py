@@ -143,7 +143,8 @@ class PeerPolicy:
             addresses accepted from this peer.
         kem: ML-KEM parameter set for the handshake (FIPS 203).
         x25519: also mix an X25519 secret into each handshake (default true).
-        fail_mode: what happens when QKD keys stop (only ``qkd_and_pqc``, fail closed, in v1).
+        fail_mode: what happens when QKD keys stop: ``qkd_and_pqc`` (fail closed) or
+            ``pqc_only_if_qkd_down`` (degraded, ML-KEM and X25519 only, until QKD keys return).
         qkd_key_bits: bits of QKD key per rekey (ETSI 014 ``size``, 64-4096, multiple of 8).
         qkd_prefetch: QKD keys fetched ahead of need (master only; 0-1024, 0 = fetch at each
             rekey), so a slow KME never stalls a rekey.
@@ -282,11 +283,10 @@ PEER_X25519: Final = Field(
 )
 PEER_FAIL_MODE: Final = Field(
     "fail_mode",
-    Choice(
-        cast("tuple[FailMode, ...]", ("qkd_and_pqc",)),
-        {"pqc_only_if_qkd_down": "is not available in qgate v1: only 'qkd_and_pqc' (fail closed)"},
-    ),
-    "what happens when QKD keys stop: qkd_and_pqc stops traffic (fail closed)",
+    Choice(cast("tuple[FailMode, ...]", get_args(FailMode))),
+    "when QKD keys stop: qkd_and_pqc stops traffic at max_key_age (fail closed); pqc_only_if_qkd_down"
+    " keeps the tunnel up on ML-KEM (+ X25519) alone, marked degraded, alarmed and counted, and returns to"
+    " hybrid by itself (both peers must allow it)",
     PeerPolicy.fail_mode,
 )
 PEER_QKD_KEY_BITS: Final = Field(

@@ -333,10 +333,10 @@ ERROR_CASES = [
     (
         "fail-open",
         "fail_mode: qkd_and_pqc",
-        "fail_mode: pqc_only_if_qkd_down",
+        "fail_mode: classical_only",
         22,
         "peers[0].fail_mode",
-        "v1",
+        "one of: qkd_and_pqc, pqc_only_if_qkd_down",
     ),
     ("host-bits", "[10.2.0.0/24]", "[10.2.0.1/24]", 19, "peers[0].subnets[0]", "host bits set"),
     ("no-subnets", "[10.2.0.0/24]", "[]", 19, "peers[0].subnets", "an empty list"),

@@ -12,14 +12,11 @@ import typing
 from collections.abc import Iterator
 
 import pytest
-import yaml
 from test_protocol_peers import Pair
 
-from qgate import lab_setup
 from qgate.crypto.aead import RecordKey
 from qgate.crypto.secret import Secret
-from qgate.errors import PolicyError
-from qgate.policy import FailMode, PeerPolicy, parse_policy
+from qgate.policy import PeerPolicy
 from qgate.protocol import epoch as epoch_module
 from qgate.protocol import peer as peer_module
 from qgate.protocol.peer import FETCH_BACKOFF_MAX, Peer
@@ -176,14 +173,8 @@ def test_key_past_max_key_age_is_never_used_while_rekeys_fail_and_traffic_resume
         waited += 0.1
 
 
-def test_without_fresh_qkd_keys_the_only_fail_mode_fails_closed() -> None:
-    assert typing.get_args(FailMode)[0] == PeerPolicy.fail_mode == "qkd_and_pqc"
-    site_a = lab_setup.render_policy("a")
-    peers = typing.cast(list[dict[str, object]], site_a["peers"])
-    peers[0]["fail_mode"] = "pqc_only_if_qkd_down"
-    with pytest.raises(PolicyError, match="fail_mode"):
-        parse_policy(yaml.safe_dump(site_a), source=None)
-
+def test_without_fresh_qkd_keys_the_default_fail_mode_fails_closed() -> None:
+    assert PeerPolicy.fail_mode == "qkd_and_pqc"
     pair = Pair(interval=1.0, kem_interval=4.0, max_key_age=3.0)
     pair.run(0.2)
     pair.kme.down = True

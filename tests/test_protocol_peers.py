@@ -27,6 +27,7 @@ class Kme:
     def __init__(self) -> None:
         self.store: dict[str, bytes] = {}
         self.down = False
+        self.slave_down = False  # only the slave's KME fails (dec_keys)
 
     def enc(self, number: int, bits: int) -> list[tuple[str, Secret]]:
         out = []
@@ -102,7 +103,9 @@ class Pair:
                             other.open(action.data, self.now)
                         else:
                             other.receive_fragment(action.data, self.now)
-                    elif isinstance(action, FetchEncKeys | FetchDecKeys) and self.kme.down:
+                    elif (isinstance(action, FetchEncKeys | FetchDecKeys) and self.kme.down) or (
+                        isinstance(action, FetchDecKeys) and self.kme.slave_down
+                    ):
                         me.keys_failed(action.request_id, "KME down", self.now)
                     elif isinstance(action, FetchEncKeys):
                         me.keys_fetched(

@@ -91,6 +91,11 @@ class Epoch:
     def __repr__(self) -> str:
         return f"Epoch(number={self.number}, my_index={self.my_index:#010x}, kind={self.kind})"
 
+    @property
+    def degraded(self) -> bool:
+        """Whether no QKD key went into this epoch (a handshake on ML-KEM and X25519 alone)."""
+        return not self.key_ids
+
 
 @dataclass
 class EpochSet:

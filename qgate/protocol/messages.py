@@ -5,7 +5,8 @@ prefix, ``str8`` = 1-byte length + ASCII. Every message starts with ``version(1)
 
 * M1 InitHello (master -> slave, type 1): version, kem_id(1), x25519(1), qkd_bits(2),
   timestamp(8, ns), sender_index(4), epoch(4), random(32), master_sae str8, slave_sae str8,
-  ek bytes16, x25519_pub bytes8, key_ids (count(1), str8 each), signature bytes16.
+  ek bytes16, x25519_pub bytes8, key_ids (count(1), str8 each), signature bytes16. A count of 0
+  is a degraded handshake without a QKD key (fail mode ``pqc_only_if_qkd_down`` on both sides).
 * M2 RespHello (slave -> master, type 2): version, sender_index(4), receiver_index(4), epoch(4),
   random(32), ct bytes16, x25519_pub bytes8, signature bytes16, confirm(32).
 * M3 InitConfirm (type 3): version, receiver_index(4), epoch(4), confirm(32).
@@ -50,9 +51,9 @@ def _write_key_ids(w: Writer, key_ids: tuple[str, ...]) -> None:
         w.str8(key_id)
 
 
-def _read_key_ids(r: Reader) -> tuple[str, ...]:
+def _read_key_ids(r: Reader, *, allow_none: bool = False) -> tuple[str, ...]:
     count = r.u8("key_id_count")
-    if not 1 <= count <= KEY_IDS_MAX:
+    if not (0 if allow_none else 1) <= count <= KEY_IDS_MAX:
         raise RemoteProtocolError(f"key_ID count {count} outside 1..{KEY_IDS_MAX}")
     ids = tuple(r.str8("key_id") for _ in range(count))
     if len(set(ids)) != len(ids) or not all(ids):
@@ -111,7 +112,7 @@ class InitHello:
             slave_sae=r.str8("slave_sae"),
             ek=r.bytes16("ek"),
             x25519_pub=r.bytes8("x25519_pub"),
-            key_ids=_read_key_ids(r),
+            key_ids=_read_key_ids(r, allow_none=True),
             signature=r.bytes16("signature"),
         )
         r.end()

@@ -74,6 +74,12 @@ class PeerConfig:
     interval: float
     kem_interval: float
     max_key_age: float
+    fail_mode: Literal["qkd_and_pqc", "pqc_only_if_qkd_down"] = "qkd_and_pqc"
+
+    @property
+    def may_degrade(self) -> bool:
+        """Whether the policy allows a handshake on ML-KEM (+ X25519) alone when QKD keys stop."""
+        return self.fail_mode == "pqc_only_if_qkd_down"
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class ControlStats:
     malformed_messages: int = 0
     qkd_failures: int = 0
     kicks_sent: int = 0
+    degraded_handshakes: int = 0
+    mode_changes: int = 0
 
 
 @dataclass
@@ -145,6 +153,7 @@ class _Pending:
     r1: RatchetRequest | None = None
     r1_hash: bytes = b""
     keys: ks.EpochKeys | None = None
+    degraded: bool = False
 
 
 class Peer:
@@ -192,6 +201,7 @@ class Peer:
         self._next_kick_at = now
         self._last_peer_ts = 0
         self._inflight: dict[int, tuple[str, Message, bytes, Epoch | None]] = {}
+        self.mode: Literal["hybrid", "degraded"] | None = None
         self._answered: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
 
     # ----- outputs -------------------------------------------------------------------
@@ -224,7 +234,7 @@ class Peer:
         times = [self._next_attempt_at, self._next_ratchet_at, self._next_kem_at]
         times.extend(e.expires_at for e in self.epochs.previous)  # drop old keys when their grace ends
         if self._pending is not None:
-            times.append(self._pending.started + HANDSHAKE_TIMEOUT)
+            times.append(self._exchange_deadline(self._pending))
             if self._pending.fragments:
                 times.append(self._pending.last_sent + HANDSHAKE_RETRY)
         if self.config.role == "slave" and self.epochs.current is None and self.epochs.next is None:
@@ -239,7 +249,7 @@ class Peer:
             return
         pending = self._pending
         if pending is not None:
-            if now - pending.started >= HANDSHAKE_TIMEOUT:
+            if now >= self._exchange_deadline(pending):
                 self._abandon(pending, now, "timeout")
             elif pending.fragments and now - pending.last_sent >= HANDSHAKE_RETRY:
                 self._actions.extend(SendDatagram(f) for f in pending.fragments)  # step HS-RT / RK-RT
@@ -268,10 +278,26 @@ class Peer:
         self._next_attempt_at = None
         self._actions.append(FetchEncKeys(request_id, 1, self.config.qkd_bits))
 
+    def _exchange_deadline(self, pending: _Pending) -> float:
+        """Monotonic time at which an unanswered exchange is abandoned.
+
+        Fail closed waits HANDSHAKE_TIMEOUT; a peer that may degrade gives up early enough to
+        finish a degraded handshake before the current key reaches max_key_age.
+        """
+        deadline = pending.started + HANDSHAKE_TIMEOUT
+        current = self.epochs.current
+        if self.config.may_degrade and current is not None and not pending.degraded:
+            margin = min(HANDSHAKE_RETRY, self.config.max_key_age / 4)
+            deadline = min(deadline, current.created_at + self.config.max_key_age - margin)
+        return deadline
+
     def _abandon(self, pending: _Pending, now: float, why: str) -> None:
         self.stats.handshake_failures += 1
         self._event("handshake_abandoned" if pending.kind == "hs" else "ratchet_abandoned", reason=why)
         self._pending = None
+        if self.config.may_degrade and not pending.degraded:
+            self._begin_degraded(now, why)
+            return
         delay = max(self._fetch_backoff, HANDSHAKE_RETRY / 2)
         if pending.kind == "hs":
             self._next_attempt_at = now + delay
@@ -279,6 +305,14 @@ class Peer:
                 self._next_kem_at = now + delay
         else:
             self._next_ratchet_at = now + delay
+
+    def _begin_degraded(self, now: float, why: str) -> None:
+        """Step HS-D: QKD keys are not to be had; handshake on ML-KEM and X25519 alone (policy allows it)."""
+        pending = _Pending("hs", self._new_request(), now, degraded=True)
+        self._pending = pending
+        self.stats.degraded_handshakes += 1
+        self._event("degraded_handshake", reason=why)
+        self._send_m1(pending, now)
 
     def start_handshake(self, now: float) -> None:
         """Master: start a full handshake now unless one is under way (also used on a Kick)."""
@@ -402,8 +436,8 @@ class Peer:
         if len(m2.ct) != self.config.kem.ciphertext_size:
             raise RemoteProtocolError("M2: ciphertext of the wrong size")
         components = [p.dk.decapsulate(m2.ct)]
-        assert p.qkd_key is not None
-        components.append(p.qkd_key)
+        if p.qkd_key is not None:  # None only in a degraded handshake (HS-D)
+            components.append(p.qkd_key)
         if p.x25519 is not None:
             components.append(p.x25519.exchange(m2.x25519_pub))
         th = ks.transcript_hash(p.m1, m2.confirmed_part())
@@ -447,6 +481,7 @@ class Peer:
 
     def _finish_master(self, epoch: Epoch, answer_to: bytes, msg_type: int, body: bytes, now: float) -> None:
         self.epochs.install_current(epoch, now)
+        self._note_mode(epoch)
         self._pending = None
         self._next_ratchet_at = now + self.config.interval
         self._remember_answer(answer_to, msg_type, body)
@@ -491,6 +526,14 @@ class Peer:
             raise RemoteProtocolError("M1: encapsulation key of the wrong size")
         if m1.timestamp <= self._last_peer_ts:
             raise RemoteProtocolError("M1 replayed (timestamp not newer)")
+        if not m1.key_ids:  # HS-D: the master has no QKD key
+            if not cfg.may_degrade:
+                raise AuthenticationError(
+                    "M1 carries no QKD key; this side's fail_mode qkd_and_pqc refuses it"
+                )
+            self._last_peer_ts = m1.timestamp
+            self._send_m2(m1, body, None, now)
+            return
         request_id = self._new_request()
         self._inflight[request_id] = ("hs", m1, body, None)
         self._actions.append(FetchDecKeys(request_id, m1.key_ids))
@@ -529,12 +572,17 @@ class Peer:
             self.stats.malformed_messages += 1
             self._event("bad_handshake_message", reason=str(exc))
 
-    def _send_m2(self, m1: InitHello, m1_bytes: bytes, qkd: Secret, now: float) -> None:
-        """Step HS-2b: encapsulate, sign, derive, confirm; install the epoch for receiving."""
+    def _send_m2(self, m1: InitHello, m1_bytes: bytes, qkd: Secret | None, now: float) -> None:
+        """Step HS-2b: encapsulate, sign, derive, confirm; install the epoch for receiving.
+
+        ``qkd`` is None only in a degraded handshake (HS-D), which the policy allowed.
+        """
         cfg = self.config
         ss, ct = cfg.kem.encapsulate(m1.ek)
         mine = self._x25519_keys() if cfg.x25519 else None
-        components = [ss, qkd] + ([mine.exchange(m1.x25519_pub)] if mine else [])
+        components = (
+            [ss] + ([qkd] if qkd is not None else []) + ([mine.exchange(m1.x25519_pub)] if mine else [])
+        )
         my_index = self._new_index()
         m2 = RespHello(
             my_index,
@@ -598,6 +646,7 @@ class Peer:
         epoch = self.epochs.promote_next(now)
         if epoch is None:
             return
+        self._note_mode(epoch)
         if epoch.kind == "handshake":
             first = self.stats.handshakes == 0
             self.stats.handshakes += 1
@@ -608,6 +657,21 @@ class Peer:
             self._event("ratchet_complete", epoch=epoch.number, key_ids=",".join(epoch.key_ids))
 
     # ----- shared helpers ------------------------------------------------------------
+    def _note_mode(self, epoch: Epoch) -> None:
+        """Record and report (an audit event) a change between hybrid and degraded protection."""
+        mode: Literal["hybrid", "degraded"] = "degraded" if epoch.degraded else "hybrid"
+        if mode != self.mode:
+            if self.mode is not None:
+                self.stats.mode_changes += 1
+            self._event(
+                "mode_change",
+                old=self.mode or "none",
+                new=mode,
+                epoch=epoch.number,
+                key_ids=",".join(epoch.key_ids) or "-",
+            )
+            self.mode = mode
+
     def _verify(self, what: str, signature: bytes, message: bytes) -> None:
         """Check a peer signature against the pinned key (FIPS 204 ML-DSA.Verify)."""
         try:
