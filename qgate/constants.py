@@ -69,6 +69,8 @@ QKD_PREFETCH_DEFAULT: Final = 16
 """QKD keys a master keeps fetched ahead of need (policy ``qkd_prefetch``)."""
 QKD_PREFETCH_RETRY_MAX: Final = 8.0
 """Seconds: the longest wait between failed prefetch requests."""
+QKD_STOCK_HORIZON: Final = 60.0
+"""Seconds of ratchet steps the QKD key stock should cover; below that it is low (alarm, stretch)."""
 STATUS_POLL_INTERVAL: Final = 5.0
 """Seconds between ETSI 014 status requests that publish the KME's key stock."""
 

@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
-from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, STATUS_POLL_INTERVAL
+from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tun import TunDevice
 from qgate.errors import ConfigError, DataPlaneError, QgateError
 from qgate.keyfiles import load_identity, load_peer_public_key
-from qgate.keysupply import KeyStock
+from qgate.keysupply import KeyStock, paced_interval
 from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import QkdKey, Status
 from qgate.netconfig import NetHandle, configure_tun
@@ -376,6 +376,7 @@ class Gateway:
         assert self._loop is not None
         if link.policy.qkd_role != "master":
             return
+        self._pace(link)
         number = link.stock.refill_request(now)
         if number:
             call = functools.partial(self._kms.enc_keys, link.policy.sae_id, number, link.policy.qkd_key_bits)
@@ -384,6 +385,31 @@ class Gateway:
             link.next_status_at = now + STATUS_POLL_INTERVAL
             status = functools.partial(self._kms.status, link.policy.sae_id)
             self._loop.run_in_executor(None, status).add_done_callback(functools.partial(self._polled, link))
+
+    def _pace(self, link: _PeerLink) -> None:
+        """Stretch the ratchet interval when the projected QKD key stock runs low; alarm once per episode."""
+        stats, rekey = link.stock.stats, link.policy.rekey
+        if link.kme_ok is None:
+            return  # no status answer yet
+        available = len(link.stock) + (stats.kme_stored_key_count or 0)
+        interval, low = paced_interval(available, rekey.interval, rekey.max_interval)
+        link.engine.set_interval(interval)
+        if low and not stats.stock_low:
+            stats.stock_alarms += 1
+            log.warning(
+                "QKD key stock low for peer %s: %d keys (local %d, KME %s) cover less than %.0f s of rekeys;"
+                " ratchet interval stretched to %.2f s (max %.2f s)",
+                link.policy.name, available, len(link.stock), stats.kme_stored_key_count,
+                QKD_STOCK_HORIZON, interval, rekey.max_interval,
+            )  # fmt: skip
+        elif stats.stock_low and not low:
+            log.info(
+                "QKD key stock for peer %s recovered: %d keys; interval %.2f s",
+                link.policy.name,
+                available,
+                interval,
+            )
+        stats.stock_low = low
 
     def _refilled(self, link: _PeerLink, future: asyncio.Future[list[QkdKey]]) -> None:
         exc = future.exception()
@@ -440,6 +466,7 @@ class Gateway:
                 "established": engine.established,
                 "epoch": current.number if current else None,
                 "mode": engine.mode,
+                "rekey_interval_s": engine.interval,
                 "fail_mode": link.policy.fail_mode,
                 **asdict(engine.stats),
                 **asdict(engine.epochs.stats),

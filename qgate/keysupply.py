@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from qgate.constants import QKD_PREFETCH_RETRY_MAX
+from qgate.constants import QKD_PREFETCH_RETRY_MAX, QKD_STOCK_HORIZON
 from qgate.kms.etsi014 import QkdKey
 
 
@@ -24,6 +24,8 @@ class SupplyStats:
     stock_misses: int = 0
     refill_failures: int = 0
     kme_stored_key_count: int | None = None
+    stock_alarms: int = 0
+    stock_low: bool = False
 
 
 class KeyStock:
@@ -80,3 +82,19 @@ class KeyStock:
     def clear(self) -> None:
         """Drop every key in stock (at shutdown)."""
         self._keys.clear()
+
+
+def paced_interval(
+    available: int, base: float, ceiling: float, horizon: float = QKD_STOCK_HORIZON
+) -> tuple[float, bool]:
+    """Return the ratchet interval to use and whether the key stock is low.
+
+    The stock is low when ``available`` keys (local stock plus the KME's ``stored_key_count``)
+    cover less than ``horizon`` seconds of ratchets at the ``base`` interval; the interval then
+    stretches in proportion, never beyond ``ceiling`` (policy ``rekey.max_interval``; the hard
+    ``max_key_age`` never stretches). Seconds in, seconds out.
+    """
+    needed = horizon / base
+    if available >= needed:
+        return base, False
+    return min(ceiling, base * needed / max(available, 1)), True

@@ -121,11 +121,14 @@ class RekeyPolicy:
         interval: QKD ratchet step period (0.1-86400, default 10).
         kem_interval: full ML-KEM handshake period (>= interval, default 120).
         max_key_age: hard lifetime of a traffic key (> interval, default 3 x interval).
+        max_interval: the longest the ratchet period may stretch to when QKD key stock runs low
+            (interval <= max_interval < max_key_age; default halfway between the two).
     """
 
     interval: float = C.REKEY_INTERVAL_DEFAULT
     kem_interval: float = C.KEM_INTERVAL_DEFAULT
     max_key_age: float = 3 * C.REKEY_INTERVAL_DEFAULT
+    max_interval: float = 2 * C.REKEY_INTERVAL_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,15 @@ REKEY_MAX_KEY_AGE: Final = Field(
     rule="> interval",
 )
 
+REKEY_MAX_INTERVAL: Final = Field(
+    "max_interval",
+    Real(C.REKEY_INTERVAL_MIN, 3 * _INTERVAL_MAX, "seconds"),
+    "longest ratchet period when QKD key stock runs low (the interval stretches, max_key_age does not)",
+    Default.DERIVED,
+    "halfway between interval and max_key_age",
+    rule=">= interval and < max_key_age",
+)
+
 PEER_NAME: Final = Field("name", _LABEL, "the peer's label in logs and status; unique")
 PEER_PUBLIC_KEY: Final = Field("public_key", FilePath(), "the peer's pinned ML-DSA public key, PEM")
 PEER_ENDPOINT: Final = Field(
@@ -303,7 +315,7 @@ PEER_QKD_PREFETCH: Final = Field(
 )
 PEER_REKEY: Final = Field(
     "rekey",
-    Section((REKEY_INTERVAL, REKEY_KEM_INTERVAL, REKEY_MAX_KEY_AGE)),
+    Section((REKEY_INTERVAL, REKEY_KEM_INTERVAL, REKEY_MAX_KEY_AGE, REKEY_MAX_INTERVAL)),
     "rekey timing",
     Default.DERIVED,
     "all defaults",
@@ -530,10 +542,20 @@ def _rekey(values: Values, ctx: Context) -> RekeyPolicy:
             values.path_of(REKEY_MAX_KEY_AGE),
             f"must be > interval ({fmt_number(interval)} seconds), got {fmt_number(max_key_age)}",
         )
+    age = values.value(REKEY_MAX_KEY_AGE, derived=3 * interval)
+    max_interval = values.peek(REKEY_MAX_INTERVAL)
+    if max_interval is not None and not interval <= max_interval < age:
+        ctx.add(
+            values.node_of(REKEY_MAX_INTERVAL),
+            values.path_of(REKEY_MAX_INTERVAL),
+            f"must be >= interval ({fmt_number(interval)} seconds) and < max_key_age ({fmt_number(age)}"
+            f" seconds), got {fmt_number(max_interval)}",
+        )
     return RekeyPolicy(
         interval=interval,
         kem_interval=values.value(REKEY_KEM_INTERVAL),
-        max_key_age=values.value(REKEY_MAX_KEY_AGE, derived=3 * interval),
+        max_key_age=age,
+        max_interval=values.value(REKEY_MAX_INTERVAL, derived=(interval + age) / 2),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from qgate.crypto.secret import Secret
-from qgate.keysupply import KeyStock
+from qgate.keysupply import KeyStock, paced_interval
 from qgate.kms.etsi014 import QkdKey
 
 
@@ -56,3 +56,16 @@ def test_prefetch_off_never_requests_and_counts_no_misses() -> None:
     assert stock.refill_request(0.0) == 0
     assert stock.take(1) is None
     assert stock.stats.stock_misses == 0
+
+
+def test_interval_stays_at_base_while_stock_covers_the_horizon() -> None:
+    assert paced_interval(60, base=1.0, ceiling=2.0, horizon=60.0) == (1.0, False)
+
+
+def test_interval_stretches_in_proportion_when_stock_runs_low_and_alarms() -> None:
+    assert paced_interval(40, base=1.0, ceiling=2.0, horizon=60.0) == (1.5, True)
+
+
+def test_stretched_interval_never_exceeds_the_policy_ceiling() -> None:
+    assert paced_interval(0, base=1.0, ceiling=2.0, horizon=60.0) == (2.0, True)
+    assert paced_interval(5, base=0.1, ceiling=0.25, horizon=60.0) == (0.25, True)

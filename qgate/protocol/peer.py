@@ -202,6 +202,7 @@ class Peer:
         self._last_peer_ts = 0
         self._inflight: dict[int, tuple[str, Message, bytes, Epoch | None]] = {}
         self.mode: Literal["hybrid", "degraded"] | None = None
+        self.interval = config.interval
         self._answered: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
 
     # ----- outputs -------------------------------------------------------------------
@@ -313,6 +314,13 @@ class Peer:
         self.stats.degraded_handshakes += 1
         self._event("degraded_handshake", reason=why)
         self._send_m1(pending, now)
+
+    def set_interval(self, seconds: float) -> None:
+        """Change the ratchet period (seconds) from the next step on; the hard max_key_age does not change.
+
+        The adapter stretches it when QKD key stock runs low (DESIGN.md, Rekeying).
+        """
+        self.interval = seconds
 
     def start_handshake(self, now: float) -> None:
         """Master: start a full handshake now unless one is under way (also used on a Kick)."""
@@ -483,7 +491,7 @@ class Peer:
         self.epochs.install_current(epoch, now)
         self._note_mode(epoch)
         self._pending = None
-        self._next_ratchet_at = now + self.config.interval
+        self._next_ratchet_at = now + self.interval
         self._remember_answer(answer_to, msg_type, body)
         self._send_message(msg_type, body, now)
         keepalive = self.epochs.seal(b"", now)  # a second, independent signal to switch (as WireGuard)
