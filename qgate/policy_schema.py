@@ -206,7 +206,10 @@ class Boolean(Kind[bool]):
 
     def convert(self, node: yaml.Node, path: str, ctx: Context) -> bool | Literal[Bad.BAD]:
         if isinstance(node, yaml.ScalarNode) and node.tag == BOOL_TAG:
-            return bool(_SCALARS.construct_yaml_bool(node))
+            try:
+                return bool(_SCALARS.construct_yaml_bool(node))
+            except (KeyError, AttributeError, yaml.YAMLError):  # e.g. an explicit !!bool maybe
+                pass
         ctx.add(node, path, f"expected true or false, got {describe(node)}")
         return BAD
 
@@ -219,8 +222,8 @@ def _number(node: yaml.Node, tags: tuple[str, ...]) -> float | int | None:
         if node.tag == INT_TAG:
             return int(_SCALARS.construct_yaml_int(node))
         return float(_SCALARS.construct_yaml_float(node))
-    except (ValueError, KeyError, TypeError, OverflowError, yaml.YAMLError):
-        return None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, yaml.YAMLError):
+        return None  # IndexError: PyYAML reads value[0] of an explicit empty !!int "" or !!float ""
 
 
 class _Bounded(Kind[T_co]):
@@ -407,7 +410,8 @@ class FilePath(Kind[Path]):
         return value
 
 
-_HOST_NAME: Final = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
+_HOST_LABEL: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+"""One DNS label (RFC 1123); names are checked label by label, so no regex can backtrack."""
 _URL_PATH: Final = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@-]*)*")
 
 
@@ -449,12 +453,18 @@ class HttpsUrl(Kind[str]):
         return ""
 
 
+def _is_dns_name(host: str) -> bool:
+    """Tell whether ``host`` is a DNS name of 1-253 characters (a trailing dot allowed)."""
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return 0 < len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
 def _is_host(host: str, *, bracketed: bool) -> bool:
     """Tell whether ``host`` (from a URL) is an IP literal or a syntactically valid DNS name."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return not bracketed and _HOST_NAME.fullmatch(host) is not None
+        return not bracketed and _is_dns_name(host)
     return bracketed == (address.version == 6)
 
 

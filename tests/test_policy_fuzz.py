@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TypeAlias
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,3 +103,19 @@ def test_mutated_valid_policy_raises_only_policy_error(data: st.DataObject) -> N
     else:
         node[index] = data.draw(values)
     _parse_only_policy_errors(yaml.safe_dump(document))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'gateway: {tun: {mtu: !!int ""}}\n',  # PyYAML reads value[0] of an empty explicit int
+        'kme: {timeout: !!float "-"}\n',
+        "peers: [{x25519: !!bool maybe}]\n",
+        'kme: {url: "https://' + "a" * 60 + '_:8443"}\n',  # once exponential regex backtracking
+    ],
+)
+def test_inputs_found_by_the_fuzzer_raise_policy_error_quickly(text: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(PolicyError):
+        parse_policy(text, source=None)
+    assert time.monotonic() - start < 1.0
