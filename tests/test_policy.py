@@ -163,11 +163,15 @@ def test_relative_paths_stay_as_written_without_a_source() -> None:
 
 def test_max_key_age_defaults_to_three_intervals() -> None:
     policy = parse_policy(edit(", max_key_age: 3.0}", "}"), source=SOURCE)
-    assert policy.peers[0].rekey == RekeyPolicy(interval=1.0, kem_interval=4.0, max_key_age=3.0, max_interval=2.0)
+    assert policy.peers[0].rekey == RekeyPolicy(
+        interval=1.0, kem_interval=4.0, max_key_age=3.0, max_interval=2.0
+    )
     policy = parse_policy(
         edit("{interval: 1.0, kem_interval: 4.0, max_key_age: 3.0}", "{interval: 7}"), source=None
     )
-    assert policy.peers[0].rekey == RekeyPolicy(interval=7.0, kem_interval=120.0, max_key_age=21.0, max_interval=14.0)
+    assert policy.peers[0].rekey == RekeyPolicy(
+        interval=7.0, kem_interval=120.0, max_key_age=21.0, max_interval=14.0
+    )
 
 
 def test_optional_sections_and_keys_take_the_documented_defaults() -> None:
