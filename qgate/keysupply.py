@@ -58,9 +58,13 @@ class KeyStock:
         return [self._keys.popleft() for _ in range(number)]
 
     def refill_request(self, now: float) -> int:
-        """Return how many keys to ask the KME for now (0: none missing, one in flight, or backing off)."""
+        """Return how many keys to ask the KME for now.
+
+        0 while the stock is above half its target, while a request is in flight, or while backing off.
+        """
         missing = self.target - len(self._keys)
-        if missing <= 0 or self._in_flight or now < self._retry_at:
+        low_water = max(1, self.target // 2)  # refill in batches: one KME round trip per several rekeys
+        if missing < low_water or self._in_flight or now < self._retry_at:
             return 0
         self._in_flight = True
         return min(missing, self.max_per_request)

@@ -13,17 +13,18 @@ def _keys(n: int) -> list[QkdKey]:
     return [QkdKey(str(uuid.uuid4()), Secret(bytes(32))) for _ in range(n)]
 
 
-def test_stock_asks_for_what_is_missing_one_request_at_a_time() -> None:
+def test_stock_refills_in_batches_once_below_half_its_target_one_request_at_a_time() -> None:
     stock = KeyStock(target=20, max_per_request=8)
     assert stock.refill_request(0.0) == 8
     assert stock.refill_request(0.0) == 0  # one request in flight
     stock.refill_done(_keys(8))
     assert stock.refill_request(0.0) == 8
     stock.refill_done(_keys(8))
-    assert stock.refill_request(0.0) == 4
-    stock.refill_done(_keys(4))
-    assert stock.refill_request(0.0) == 0
-    assert len(stock) == 20
+    assert stock.refill_request(0.0) == 0  # 16 of 20: above half, no request
+    stock.take(7)
+    assert stock.refill_request(0.0) == 8  # 9 of 20: below half
+    stock.refill_done(_keys(8))
+    assert len(stock) == 17
 
 
 def test_keys_are_handed_out_once_in_arrival_order() -> None:
