@@ -7,6 +7,7 @@ Each test builds its own lab (unique ``qg`` namespaces, removed on every path) a
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,3 +131,16 @@ def test_gateway_removes_its_tun_device_and_routes_on_sigterm() -> None:
         assert "qgtun0" not in subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
         routes = subprocess.run(["ip", "-n", ns, "route"], capture_output=True, text=True).stdout
         assert "10.2.0.0/24" not in routes
+
+
+@pytest.mark.parametrize("site", ["a", "b"])
+def test_a_restarted_gateway_is_rehandshaken_without_manual_action(site: str) -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        lab.start_kmes()
+        gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: _ping(lab), timeout=25)
+        victim, role = (gw_a, "ga") if site == "a" else (gw_b, "gb")
+        lab.kids.stop(victim, signal.SIGKILL)  # no clean shutdown: the kernel removes its TUN
+        lab.start(f"gateway-{site}-again", role, setup.gateway_argv(sys.executable, lab.run_dir, site))
+        assert _wait_for(lambda: _ping(lab), timeout=20), "tunnel did not come back after the restart"

@@ -263,3 +263,35 @@ def test_slave_near_the_packet_limit_gets_fresh_keys_before_the_hard_limit(
     assert pair.slave.epochs.current is not first
     assert pair.slave.epochs.stats.drops_key_exhausted == 0
     assert delivered == 700
+
+
+def test_only_the_master_starts_exchanges_so_rekeys_never_collide() -> None:
+    pair = Pair(interval=0.2, kem_interval=1.0)
+    sent_by_slave: list[bytes] = []
+    original = pair.slave.take_actions
+
+    def spy() -> list[object]:
+        actions = original()
+        sent_by_slave.extend(a.data for a in actions if isinstance(a, SendDatagram))
+        return actions  # type: ignore[return-value]
+
+    pair.slave.take_actions = spy  # type: ignore[method-assign]
+    pair.run(5.0)
+    kinds = {d[1] for d in sent_by_slave if classify_datagram(d) == "handshake"}
+    assert kinds <= {2, 5, 7}  # M2, R2 and Kick: the slave never sends M1 or R1
+    assert pair.slave.stats.kicks_sent <= 1  # the one at start, before any session
+    assert pair.master.stats.rekeys_qkd >= 10 and pair.master.stats.rekeys_kem >= 3
+    assert pair.master.stats.handshake_failures == 0
+
+
+def test_master_restart_is_healed_by_a_fresh_handshake_with_fresh_keys() -> None:
+    pair = Pair()
+    pair.run(0.2)
+    old = pair.master.epochs.current
+    assert old is not None
+    pair.master = Peer(pair.master.config, identity=IDENT_M, peer_key=IDENT_S.public_key(), rng=os.urandom,
+                       wall_ns=lambda: 7 * 10**12, now=pair.now)  # fmt: skip
+    pair.run(0.5)
+    assert pair.send_both_ways(b"after restart") == (b"after restart", b"after restart")
+    new = pair.master.epochs.current
+    assert new is not None and new.my_index != old.my_index and new.send_counter >= 1
