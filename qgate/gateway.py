@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
+from qgate.audit import AuditLog
 from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.routing import RouteTable
@@ -45,6 +46,21 @@ from qgate.protocol.peer import (
 
 log = logging.getLogger(__name__)
 
+AUDITED_EVENTS: Final = frozenset(
+    {
+        "handshake_sent",
+        "handshake_answered",
+        "handshake_complete",
+        "ratchet_complete",
+        "handshake_abandoned",
+        "ratchet_abandoned",
+        "degraded_handshake",
+        "mode_change",
+        "authentication_failed",
+        "kick_received",
+    }
+)
+"""Protocol events that go to the audit log (with their key_IDs, never keys)."""
 TICK: Final = 0.02
 """Seconds between timer checks (rekey intervals go down to 0.1 s)."""
 LOG_BURST: Final = 5
@@ -79,6 +95,7 @@ class GatewayStats:
     drops_no_route: int = 0
     drops_send_error: int = 0
     tun_write_errors: int = 0
+    audit_failures: int = 0
 
 
 @dataclass
@@ -111,7 +128,9 @@ def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
 class Gateway:
     """One running gateway. Build it with the policy, then ``await run()``."""
 
-    def __init__(self, policy: GatewayPolicy, *, stats_file: Path | None = None) -> None:
+    def __init__(
+        self, policy: GatewayPolicy, *, stats_file: Path | None = None, audit_log: Path | None = None
+    ) -> None:
         """Load keys and set up the engines; touches no network yet.
 
         Raises:
@@ -123,6 +142,7 @@ class Gateway:
         if stats_file is not None and not stats_file.parent.is_dir():
             raise ConfigError(f"--stats-file {stats_file}: directory {stats_file.parent} does not exist")
         self._log_budget: dict[str, tuple[float, int]] = {}
+        self._audit = AuditLog.open(audit_log, gateway=policy.name) if audit_log is not None else None
         identity = load_identity(policy.identity)
         kme = policy.kme
         self._kms = Etsi014Client(kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout)
@@ -161,6 +181,7 @@ class Gateway:
         try:
             self._open()
             opened = True
+            self._audit_event("gateway_start", listen=str(self.policy.listen), peers=len(self._peers))
             gc.collect()
             gc.freeze()  # long-lived start-up objects leave the GC's view: shorter pauses on the data path
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -177,6 +198,9 @@ class Gateway:
             self._write_stats()
             if opened:
                 log.info("gateway %s stopped; TUN and routes removed", self.policy.name)
+            self._audit_event("gateway_stop")
+            if self._audit is not None:
+                self._audit.close()
 
     def stop(self) -> None:
         """Ask ``run`` to return (thread-safe only from the event loop)."""
@@ -342,6 +366,18 @@ class Gateway:
             self._fetch(link, action)
         elif isinstance(action, PeerEvent):
             self._log_event(action)
+            if action.kind in AUDITED_EVENTS:
+                self._audit_event(action.kind, **action.detail)
+
+    def _audit_event(self, kind: str, **fields: str | int | float) -> None:
+        """Append an audit record; a failing audit log is logged and counted, never fatal to traffic."""
+        if self._audit is None:
+            return
+        try:
+            self._audit.append(kind, **fields)
+        except QgateError as exc:
+            self.stats.audit_failures += 1
+            log.error("audit log: %s", exc)
 
     def _fetch(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys) -> None:
         assert self._loop is not None
@@ -505,11 +541,13 @@ class Gateway:
             log.warning("cannot write statistics to %s: %s", self._stats_file, exc)
 
 
-def run_gateway(policy: GatewayPolicy, *, stats_file: Path | None = None) -> None:
+def run_gateway(
+    policy: GatewayPolicy, *, stats_file: Path | None = None, audit_log: Path | None = None
+) -> None:
     """Run a gateway in the foreground until SIGINT/SIGTERM (``qgate up``).
 
     Raises:
         QgateError: set-up failed (keys, TUN, routes, socket); the message says what.
     """
-    gateway = Gateway(policy, stats_file=stats_file)
+    gateway = Gateway(policy, stats_file=stats_file, audit_log=audit_log)
     asyncio.run(gateway.run())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from qgate import __version__
+from qgate.cli.audit import audit
 from qgate.cli.gateway import check, keygen, up
 from qgate.cli.kms import kms_sim, pki
 from qgate.cli.lab import lab
@@ -22,3 +23,4 @@ main.add_command(keygen)
 main.add_command(kms_sim)
 main.add_command(pki)
 main.add_command(lab)
+main.add_command(audit)

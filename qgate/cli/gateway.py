@@ -18,15 +18,20 @@ from qgate.errors import QgateError
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write counters as JSON here every second and at exit.",
 )
+@click.option(
+    "--audit-log",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Append hash-chained audit records (handshakes, rekeys, QKD key_IDs, mode changes) here.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
-def up(policy_file: Path, stats_file: Path | None, log_level: str) -> None:
+def up(policy_file: Path, stats_file: Path | None, audit_log: Path | None, log_level: str) -> None:
     """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
     from qgate.gateway import run_gateway
     from qgate.policy import load_policy
 
     setup_logging(log_level)
     try:
-        run_gateway(load_policy(policy_file), stats_file=stats_file)
+        run_gateway(load_policy(policy_file), stats_file=stats_file, audit_log=audit_log)
     except QgateError as exc:
         fail(exc)
 

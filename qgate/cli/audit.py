@@ -1,0 +1,53 @@
+"""``qgate audit verify``: check a hash-chained audit log (thin; logic in qgate.audit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qgate.audit import VerifyResult, parse_anchor, verify_file
+from qgate.errors import QgateError
+
+
+@click.group()
+def audit() -> None:
+    """Audit log of key events (handshakes, rekeys, QKD key_IDs, mode changes)."""
+
+
+@audit.command("verify")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result line last on stdout.")
+@click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    metavar="SEQ:SHA256",
+    help="A head the gateway logged earlier (at open/close); line SEQ must still hash to it (repeat).",
+)
+def verify(file: Path, as_json: bool, anchors: tuple[str, ...]) -> None:
+    """Check FILE's hash chain from the first line to the last.
+
+    Exit status 0 and the record count when the chain is intact; 1 and the first bad line (number and
+    what is wrong) otherwise, or when FILE cannot be read or an anchor is malformed.
+    """
+    try:
+        wanted = dict(parse_anchor(text) for text in anchors)
+        result = verify_file(file, anchors=wanted)
+    except QgateError as exc:
+        result = VerifyResult(False, 0, problem=str(exc))
+    _report(file, result, as_json)
+    if not result.ok:
+        raise SystemExit(1)
+
+
+def _report(file: Path, result: VerifyResult, as_json: bool) -> None:
+    if result.ok:
+        click.echo(f"{file}: ok: {result.records} records, head {result.head}", err=as_json)
+    else:
+        where = f"line {result.line}: " if result.line is not None else ""
+        click.echo(f"{file}: {where}{result.problem}", err=True)
+        click.echo(f"{file}: {result.records} record(s) verified before it", err=True)
+    if as_json:
+        click.echo(json.dumps({"file": str(file), **result.as_json()}, separators=(",", ":")))
