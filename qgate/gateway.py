@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
+from qgate import control
 from qgate.audit import AuditLog
 from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
+from qgate.control import default_socket
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tun import TunDevice
@@ -106,6 +108,7 @@ class _PeerLink:
     stock: KeyStock = field(default_factory=lambda: KeyStock(0))
     next_status_at: float = 0.0
     kme_ok: bool | None = None
+    too_big: int = 0
 
 
 def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
@@ -129,7 +132,12 @@ class Gateway:
     """One running gateway. Build it with the policy, then ``await run()``."""
 
     def __init__(
-        self, policy: GatewayPolicy, *, stats_file: Path | None = None, audit_log: Path | None = None
+        self,
+        policy: GatewayPolicy,
+        *,
+        stats_file: Path | None = None,
+        audit_log: Path | None = None,
+        control_socket: Path | None = None,
     ) -> None:
         """Load keys and set up the engines; touches no network yet.
 
@@ -142,6 +150,10 @@ class Gateway:
         if stats_file is not None and not stats_file.parent.is_dir():
             raise ConfigError(f"--stats-file {stats_file}: directory {stats_file.parent} does not exist")
         self._log_budget: dict[str, tuple[float, int]] = {}
+        self._control_path = control_socket or default_socket(policy.name)
+        self._control: asyncio.AbstractServer | None = None
+        self._started = time.monotonic()
+        self._mtu = policy.tun.mtu
         self._audit = AuditLog.open(audit_log, gateway=policy.name) if audit_log is not None else None
         identity = load_identity(policy.identity)
         kme = policy.kme
@@ -181,6 +193,7 @@ class Gateway:
         try:
             self._open()
             opened = True
+            self._control = await control.serve(self._control_path, self._on_control)
             self._audit_event("gateway_start", listen=str(self.policy.listen), peers=len(self._peers))
             gc.collect()
             gc.freeze()  # long-lived start-up objects leave the GC's view: shorter pauses on the data path
@@ -194,6 +207,10 @@ class Gateway:
             )
             await self._timer_loop()
         finally:
+            if self._control is not None:
+                self._control.close()
+                with contextlib.suppress(OSError):
+                    self._control_path.unlink()
             self._close()
             self._write_stats()
             if opened:
@@ -279,6 +296,9 @@ class Gateway:
             link = self._routes.for_destination(packet)
             if link is None:
                 self.stats.drops_no_route += 1
+                continue
+            if len(packet) > self._mtu:
+                link.too_big += 1
                 continue
             datagram = link.engine.seal(packet, now)
             if datagram is None:
@@ -530,6 +550,64 @@ class Gateway:
             "peers": peers,
         }
 
+    def _on_control(self, request: dict[str, object]) -> dict[str, object]:
+        """Answer a control-socket request (``status`` or ``down``)."""
+        if request["cmd"] == "status":
+            return {"ok": True, **self.status(time.monotonic())}
+        if request["cmd"] == "down":
+            log.info("stop requested through the control socket")
+            self._stop.set()
+            return {"ok": True, "gateway": self.policy.name, "stopping": True}
+        return {"ok": False, "error": f"unknown command {request['cmd']!r}: use status or down"}
+
+    def status(self, now: float) -> dict[str, object]:
+        """Return the operator's view: per peer state, epoch, stock, rekeys, traffic and drops by reason."""
+        return {
+            "gateway": self.policy.name,
+            "pid": os.getpid(),
+            "uptime_s": round(now - self._started, 3),
+            "peers": [self._peer_status(link, now) for link in self._peers],
+            "counters": asdict(self.stats),
+        }
+
+    def _peer_status(self, link: _PeerLink, now: float) -> dict[str, object]:
+        engine, data = link.engine, link.engine.epochs.stats
+        current = engine.epochs.current
+        state, why = engine.state(now)
+        last_hs = engine.last_handshake_at
+        return {
+            "name": link.policy.name,
+            "role": link.policy.qkd_role,
+            "state": state,
+            "why": why,
+            "mode": engine.mode,
+            "fail_mode": link.policy.fail_mode,
+            "epoch": current.number if current else None,
+            "epoch_age_s": round(now - current.created_at, 3) if current else None,
+            "last_handshake_s": round(now - last_hs, 3) if last_hs is not None else None,
+            "rekey_interval_s": engine.interval,
+            "qkd_kme_stock": link.stock.stats.kme_stored_key_count,
+            "qkd_prefetch_stock": len(link.stock),
+            "rekeys": engine.stats.rekeys_qkd + engine.stats.rekeys_kem,
+            "rekeys_qkd": engine.stats.rekeys_qkd,
+            "rekeys_kem": engine.stats.rekeys_kem,
+            "rekeys_failed": engine.stats.handshake_failures,
+            "tx_packets": data.tx_packets,
+            "tx_bytes": data.tx_bytes,
+            "rx_packets": data.rx_packets,
+            "rx_bytes": data.rx_bytes,
+            "drops": {
+                "bad_tag": data.drops_auth,
+                "replay": data.drops_replay,
+                "unknown_epoch": data.drops_unknown_index,
+                "key_expired": data.drops_key_expired,
+                "key_exhausted": data.drops_key_exhausted,
+                "no_session": data.drops_no_session,
+                "malformed": data.drops_malformed,
+                "too_big": link.too_big,
+            },
+        }
+
     def _write_stats(self) -> None:
         if self._stats_file is None:
             return
@@ -542,12 +620,16 @@ class Gateway:
 
 
 def run_gateway(
-    policy: GatewayPolicy, *, stats_file: Path | None = None, audit_log: Path | None = None
+    policy: GatewayPolicy,
+    *,
+    stats_file: Path | None = None,
+    audit_log: Path | None = None,
+    control_socket: Path | None = None,
 ) -> None:
     """Run a gateway in the foreground until SIGINT/SIGTERM (``qgate up``).
 
     Raises:
         QgateError: set-up failed (keys, TUN, routes, socket); the message says what.
     """
-    gateway = Gateway(policy, stats_file=stats_file, audit_log=audit_log)
+    gateway = Gateway(policy, stats_file=stats_file, audit_log=audit_log, control_socket=control_socket)
     asyncio.run(gateway.run())

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -39,6 +41,24 @@ LAB_REKEY: Final = {"interval": 1.0, "kem_interval": 4.0, "max_key_age": 3.0}
 """Seconds: the lab's rekey timing (QKD ratchet, full ML-KEM handshake, hard key age)."""
 KME_RATE: Final = 100_000
 """Bits per second: the simulated QKD key rate of each lab KME (``kms-sim --rate``)."""
+ADMIN_CN: Final = "ADMIN"
+"""CN of the lab's fault-admin client certificate (``kms-sim --admin ADMIN``)."""
+
+
+@dataclass(frozen=True)
+class SiteOverrides:
+    """Policy values one lab site's rendered policy is forced to (on top of the template).
+
+    Attributes:
+        peer: keys of the peer entry, e.g. ``{"fail_mode": "pqc_only_if_qkd_down", "qkd_prefetch": 0}``.
+        kme: keys of the ``kme`` section, e.g. ``{"timeout": 1.0}`` (seconds).
+        rekey: keys of the peer's ``rekey`` mapping (seconds), merged into the rendered one.
+    """
+
+    peer: Mapping[str, object] = field(default_factory=dict)
+    kme: Mapping[str, object] = field(default_factory=dict)
+    rekey: Mapping[str, float] = field(default_factory=dict)
+
 
 SITES: Final[dict[str, dict[str, str]]] = {
     "a": {"name": "site-a", "peer": "b", "wan": net.GW_A_WAN, "sae": "SAE_A", "kme": "KME_A",
@@ -48,8 +68,13 @@ SITES: Final[dict[str, dict[str, str]]] = {
 }  # fmt: skip
 
 
-def make_pki_and_identities(run_dir: Path) -> None:
+def make_pki_and_identities(run_dir: Path, *, admin: bool = False) -> None:
     """Write the lab PKI (``<run>/pki``) and both gateway identities (``<run>/keys``).
+
+    Args:
+        run_dir: the run directory.
+        admin: also write the fault-admin client certificate ``pki/ADMIN.{pem,key}``
+            (:data:`ADMIN_CN`), for KMEs started with ``--admin ADMIN``.
 
     Raises:
         ConfigError: (from qgate.keyfiles) an identity could not be written.
@@ -60,7 +85,7 @@ def make_pki_and_identities(run_dir: Path) -> None:
     make_pki(
         run_dir / "pki",
         kmes={"KME_A": [net.GW_A_WAN], "KME_B": [net.GW_B_WAN]},
-        saes=["SAE_A", "SAE_B"],
+        saes=["SAE_A", "SAE_B", *([ADMIN_CN] if admin else [])],
     )
     (run_dir / "keys").mkdir(mode=0o700, exist_ok=True)
     for site in ("a", "b"):
@@ -81,12 +106,16 @@ def _template(site: str) -> dict[str, object]:
     return {"gateway": {}, "kme": {}, "peers": [{}]}
 
 
-def render_policy(site: str, *, rekey: dict[str, float] | None = None) -> dict[str, object]:
+def render_policy(
+    site: str, *, rekey: dict[str, float] | None = None, overrides: SiteOverrides | None = None
+) -> dict[str, object]:
     """Return the lab policy of ``site`` (``a`` or ``b``) as a YAML-ready mapping.
 
     Args:
         site: which gateway.
         rekey: rekey timing (seconds) to force; default: the template's, else :data:`LAB_REKEY`.
+        overrides: further values to force into this site's policy (applied last, so they win
+            over the template and ``rekey``; the topology fields are forced again after them).
     """
     info, peer = SITES[site], SITES[SITES[site]["peer"]]
     doc = _template(site)
@@ -97,7 +126,9 @@ def render_policy(site: str, *, rekey: dict[str, float] | None = None) -> dict[s
         listen=f"{info['wan']}:{GATEWAY_PORT}",
         tun={"name": TUN_NAME, "mtu": TUN_MTU},
     )
+    extra = overrides or SiteOverrides()
     kme = _mapping(doc.get("kme"))
+    kme.update(extra.kme)
     kme.update(
         url=f"https://127.0.0.1:{KME_PORT}",
         sae_id=info["sae"],
@@ -108,6 +139,7 @@ def render_policy(site: str, *, rekey: dict[str, float] | None = None) -> dict[s
     )
     peers = doc.get("peers")
     first = _mapping(peers[0] if isinstance(peers, list) and peers else None)
+    first.update(extra.peer)
     first.update(
         name=peer["name"],
         public_key=f"keys/{peer['name']}.pub",
@@ -118,13 +150,25 @@ def render_policy(site: str, *, rekey: dict[str, float] | None = None) -> dict[s
     )
     if rekey is not None or not isinstance(first.get("rekey"), dict):
         first["rekey"] = dict(rekey or LAB_REKEY)
+    if extra.rekey:
+        first["rekey"] = {**_mapping(first.get("rekey")), **extra.rekey}
     first.setdefault("kem", "ml-kem-768")
     first.setdefault("fail_mode", "qkd_and_pqc")
     return {"gateway": gateway, "kme": kme, "peers": [first]}
 
 
-def write_policies(run_dir: Path, *, rekey: dict[str, float] | None = None) -> dict[str, Path]:
+def write_policies(
+    run_dir: Path,
+    *,
+    rekey: dict[str, float] | None = None,
+    overrides: Mapping[str, SiteOverrides] | None = None,
+) -> dict[str, Path]:
     """Render both lab policies into ``run_dir``; return ``{"a": path, "b": path}``.
+
+    Args:
+        run_dir: the run directory.
+        rekey: rekey timing (seconds) forced into both policies (see :func:`render_policy`).
+        overrides: per site (``a``, ``b``) values forced into that site's policy.
 
     When ``qgate.policy.load_policy`` exists, each rendered file is validated with it.
 
@@ -134,7 +178,8 @@ def write_policies(run_dir: Path, *, rekey: dict[str, float] | None = None) -> d
     paths: dict[str, Path] = {}
     for site in ("a", "b"):
         path = run_dir / f"site-{site}.yaml"
-        path.write_text(yaml.safe_dump(render_policy(site, rekey=rekey), sort_keys=False))
+        doc = render_policy(site, rekey=rekey, overrides=(overrides or {}).get(site))
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
         paths[site] = path
     try:
         from qgate.policy import load_policy  # type: ignore[attr-defined,unused-ignore]
@@ -153,7 +198,9 @@ def write_payload(run_dir: Path, size: int) -> bytes:
     return data
 
 
-def kms_sim_argv(python: str, run_dir: Path, site: str, *, rate: int = KME_RATE) -> list[str]:
+def kms_sim_argv(
+    python: str, run_dir: Path, site: str, *, rate: int = KME_RATE, admins: Sequence[str] = ()
+) -> list[str]:
     """Return the ``qgate kms-sim`` command of ``site``'s KME (run in that gateway's namespace).
 
     Args:
@@ -161,6 +208,7 @@ def kms_sim_argv(python: str, run_dir: Path, site: str, *, rate: int = KME_RATE)
         run_dir: the run directory (PKI under ``pki/``).
         site: ``a`` or ``b``.
         rate: simulated QKD key rate, bits per second.
+        admins: client certificate CNs allowed to inject faults (``--admin``, e.g. :data:`ADMIN_CN`).
     """
     info, peer = SITES[site], SITES[SITES[site]["peer"]]
     pki = run_dir / "pki"
@@ -173,6 +221,7 @@ def kms_sim_argv(python: str, run_dir: Path, site: str, *, rate: int = KME_RATE)
         "--link-secret-file", str(pki / "link.secret"),
         "--rate", str(rate), "--max-key-count", "1000",
         "--sae", info["sae"], "--peer-sae", peer["sae"],
+        *(arg for cn in admins for arg in ("--admin", cn)),
     ]  # fmt: skip
 
 
@@ -181,4 +230,5 @@ def gateway_argv(python: str, run_dir: Path, site: str) -> list[str]:
     return [
         python, "-m", "qgate", "up", str(run_dir / f"site-{site}.yaml"),
         "--stats-file", str(run_dir / f"stats-{site}.json"),
+        "--socket", str(run_dir / f"control-{site}.sock"),
     ]  # fmt: skip

@@ -171,3 +171,25 @@ def test_gateway_audit_log_records_handshakes_and_ratchets_with_key_ids_and_veri
         assert events[0] == "audit_start" and events[-1] == "gateway_stop"
         assert "handshake_complete" in events and "ratchet_complete" in events
         assert all(r.get("key_ids") for r in records if r["event"] == "ratchet_complete")
+
+
+def test_status_shows_a_running_gateway_and_down_stops_it_cleanly() -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        lab.start_kmes()
+        _gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: _ping(lab), timeout=25)
+        sock = str(lab.run_dir / "control-a.sock")
+        qgate = [sys.executable, "-m", "qgate"]
+        shown = subprocess.run([*qgate, "status", "--socket", sock, "--json"], capture_output=True, text=True)
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout.splitlines()[-1])
+        peer = status["peers"][0]
+        assert peer["state"] in ("up", "rekeying") and peer["epoch"] >= 1 and peer["rx_packets"] >= 1
+        assert set(peer["drops"]) >= {"bad_tag", "replay", "unknown_epoch", "too_big"}
+        table = subprocess.run([*qgate, "status", "--socket", sock], capture_output=True, text=True)
+        assert "site-b" in table.stdout and "state" in table.stdout
+        stopped = subprocess.run([*qgate, "down", "--socket", sock], capture_output=True, text=True)
+        assert stopped.returncode == 0, stopped.stderr
+        assert gw_a.proc.wait(timeout=10) == 0
+        assert not Path(sock).exists()

@@ -23,15 +23,32 @@ from qgate.errors import QgateError
     type=click.Path(path_type=Path, dir_okay=False),
     help="Append hash-chained audit records (handshakes, rekeys, QKD key_IDs, mode changes) here.",
 )
+@click.option(
+    "--socket",
+    "control_socket",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Control socket for qgate status/down (default /run/qgate/<gateway name>.sock).",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
-def up(policy_file: Path, stats_file: Path | None, audit_log: Path | None, log_level: str) -> None:
+def up(
+    policy_file: Path,
+    stats_file: Path | None,
+    audit_log: Path | None,
+    control_socket: Path | None,
+    log_level: str,
+) -> None:
     """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
     from qgate.gateway import run_gateway
     from qgate.policy import load_policy
 
     setup_logging(log_level)
     try:
-        run_gateway(load_policy(policy_file), stats_file=stats_file, audit_log=audit_log)
+        run_gateway(
+            load_policy(policy_file),
+            stats_file=stats_file,
+            audit_log=audit_log,
+            control_socket=control_socket,
+        )
     except QgateError as exc:
         fail(exc)
 
@@ -75,3 +92,47 @@ def keygen(alg: str, out: Path, force: bool) -> None:
         fail(exc)
         return
     click.echo(f"wrote {private} (private, keep it secret) and {public} (give it to the peer)", err=True)
+
+
+_SOCKET_OPTION = click.option(
+    "--socket",
+    "control_socket",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The daemon's control socket (default: the only one in /run/qgate).",
+)
+
+
+@click.command()
+@_SOCKET_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line on stdout instead of the table.")
+def status(control_socket: Path | None, as_json: bool) -> None:
+    """Show a running gateway's peers: state, epoch, key stock, rekeys, traffic and drops."""
+    from qgate.control import find_socket, request
+    from qgate.status import format_status
+
+    try:
+        answer = request(find_socket(control_socket), "status")
+    except QgateError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc)}))
+        fail(exc)
+    if as_json:
+        click.echo(json.dumps(answer, sort_keys=True))
+    else:
+        click.echo(format_status(answer))
+
+
+@click.command()
+@_SOCKET_OPTION
+def down(control_socket: Path | None) -> None:
+    """Stop a running gateway cleanly (it removes its TUN and routes)."""
+    from qgate.control import find_socket, request
+
+    try:
+        path = find_socket(control_socket)
+        answer = request(path, "down")
+    except QgateError as exc:
+        fail(exc)
+    if not answer.get("ok"):
+        fail(QgateError(str(answer.get("error"))))
+    click.echo(f"gateway {answer.get('gateway')} is stopping", err=True)

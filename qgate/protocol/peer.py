@@ -203,6 +203,8 @@ class Peer:
         self._inflight: dict[int, tuple[str, Message, bytes, Epoch | None]] = {}
         self.mode: Literal["hybrid", "degraded"] | None = None
         self.interval = config.interval
+        self.last_problem = ""
+        self.last_handshake_at: float | None = None
         self._answered: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
 
     # ----- outputs -------------------------------------------------------------------
@@ -212,6 +214,8 @@ class Peer:
         return actions
 
     def _event(self, kind: str, **detail: str | int | float) -> None:
+        if "reason" in detail:
+            self.last_problem = f"{kind}: {detail['reason']}"
         self._actions.append(PeerEvent(kind, {"peer": self.config.name, **detail}))
 
     def _send_message(self, msg_type: int, body: bytes, now: float) -> list[bytes]:
@@ -667,6 +671,8 @@ class Peer:
     # ----- shared helpers ------------------------------------------------------------
     def _note_mode(self, epoch: Epoch) -> None:
         """Record and report (an audit event) a change between hybrid and degraded protection."""
+        if epoch.kind == "handshake":
+            self.last_handshake_at = epoch.created_at
         mode: Literal["hybrid", "degraded"] = "degraded" if epoch.degraded else "hybrid"
         if mode != self.mode:
             if self.mode is not None:
@@ -766,6 +772,18 @@ class Peer:
         if epoch is self.epochs.next:
             self._promote(now)
         return plaintext
+
+    def state(self, now: float) -> tuple[str, str]:
+        """Return ``(state, why)``: state is up, rekeying, degraded or down; why explains down/degraded."""
+        current = self.epochs.current
+        if current is None or not self.epochs.usable(current, now):
+            why = self.last_problem or ("no session yet" if current is None else "key past max_key_age")
+            return "down", why
+        if self.mode == "degraded":
+            return "degraded", "no QKD key: ML-KEM and X25519 only (fail_mode pqc_only_if_qkd_down)"
+        if self._pending is not None or self.epochs.next is not None:
+            return "rekeying", ""
+        return "up", ""
 
     @property
     def established(self) -> bool:
