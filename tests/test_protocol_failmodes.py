@@ -6,7 +6,9 @@ from dataclasses import replace
 
 from test_protocol_peers import Pair
 
+from qgate.protocol.messages import RatchetConfirm, RatchetRequest, RatchetResponse
 from qgate.protocol.peer import PeerEvent
+from qgate.protocol.wire import classify_datagram, parse_fragment
 
 
 def _degradable(pair: Pair, master: bool = True, slave: bool = True) -> None:
@@ -85,3 +87,48 @@ def test_degradation_when_only_the_slaves_kme_fails_before_the_key_expires() -> 
     pair.kme.slave_down = False
     _traffic(pair, 3.0)
     assert pair.master.mode == pair.slave.mode == "hybrid"
+
+
+def _msg_type(datagram: bytes) -> int | None:
+    return parse_fragment(datagram).msg_type if classify_datagram(datagram) == "handshake" else None
+
+
+def test_dropping_ratchet_messages_never_forces_a_degraded_handshake() -> None:
+    pair = Pair(interval=1.0, kem_interval=100.0, max_key_age=3.0)
+    _degradable(pair)
+    pair.run(0.3)
+    pair.loss = lambda d: _msg_type(d) == RatchetRequest.TYPE  # an attacker drops every R1
+    _traffic(pair, 20.0)
+    assert pair.master.stats.degraded_handshakes == 0
+    assert "degraded" not in _modes(pair.events)
+
+
+def test_a_withheld_r1_replayed_later_cannot_desynchronise_the_peers_for_long() -> None:
+    pair = Pair(interval=1.0, kem_interval=60.0, max_key_age=30.0)
+    pair.run(0.3)
+    withheld: list[bytes] = []
+    stage = {"n": 0}
+
+    def network(d: bytes) -> bool:
+        kind = _msg_type(d)
+        if stage["n"] == 0 and kind == RatchetRequest.TYPE:
+            if not withheld:
+                withheld.append(d)
+            return True  # every copy of the first R1 is withheld until the master gives up
+        if stage["n"] == 1 and kind == RatchetResponse.TYPE:
+            pair.slave.receive_fragment(withheld[0], pair.now)  # the old R1 arrives at the worst time
+            stage["n"] = 2
+        if stage["n"] == 2 and (kind == RatchetConfirm.TYPE or classify_datagram(d) == "data"):
+            stage["n"] = 3
+            return True  # R3 and the keepalive are lost once
+        return False
+
+    pair.loss = network
+    pair.run(11.0)  # the master abandons the withheld ratchet
+    stage["n"] = 1
+    pair.run(1.5)
+    pair.loss = lambda d: False
+    _traffic(pair, 6.0)  # recovery: Kick on an unknown epoch, then a fresh handshake
+    assert pair.send_both_ways(b"in sync") == (b"in sync", b"in sync")
+    assert pair.slave.epochs.current is not None and pair.master.epochs.current is not None
+    assert pair.slave.epochs.current.number == pair.master.epochs.current.number

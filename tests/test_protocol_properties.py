@@ -311,7 +311,7 @@ def seal_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]
     yield _SealLog.uses
 
 
-@pytest.mark.parametrize(("loss", "ratchets", "handshakes"), [(0.0, 30, 6), (0.1, 10, 3)])
+@pytest.mark.parametrize(("loss", "ratchets", "handshakes"), [(0.0, 30, 6), (0.1, 5, 3)])
 def test_counters_never_repeat_under_one_key_across_ratchets_kem_rekeys_and_outages(
     seal_log: list[tuple[str, int]], loss: float, ratchets: int, handshakes: int
 ) -> None:
@@ -327,7 +327,7 @@ def test_counters_never_repeat_under_one_key_across_ratchets_kem_rekeys_and_outa
                     receiver.open(datagram, pair.now)
     assert pair.master.stats.rekeys_qkd >= ratchets and pair.master.stats.rekeys_kem >= handshakes
     assert pair.master.stats.qkd_failures >= 1
-    assert len(seal_log) > 1500
+    assert len(seal_log) > 1000
     assert len(set(seal_log)) == len(seal_log), "a (key, counter) pair, so a GCM nonce, was used twice"
     keys = {fingerprint for fingerprint, _ in seal_log}
     assert len(keys) > pair.master.stats.rekeys_qkd + pair.master.stats.rekeys_kem

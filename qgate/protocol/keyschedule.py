@@ -12,7 +12,7 @@
 
     ratchet auth (label KS-RA):  k_auth(32) = HKDF-Expand-SHA-384(ck_n, "qgate v1 ratchet auth", 32)
 
-    ratchet step (label KS-RS):                             CasKDF-style chaining (TS 103 744 section 8.3)
+    ratchet step (label KS-RS):                             qgate's own chaining (not TS 103 744 CasKDF)
       prk = HKDF-Extract-SHA-384(salt = ck_n, ikm = QKD key)
       KM(176) = HKDF-Expand-SHA-384(prk, "qgate v1 ratchet" || u32(epoch n+1) || SHA-384(R1 w/o mac), 176)
       k_m2s || k_s2m || ck_{n+1} || kc_m || kc_s = KM

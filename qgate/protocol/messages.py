@@ -15,7 +15,8 @@ prefix, ``str8`` = 1-byte length + ASCII. Every message starts with ``version(1)
 * R2 RatchetResponse (type 5): version, receiver_index(4), sender_index(4), epoch(4), confirm(32).
 * R3 RatchetConfirm (type 6): version, receiver_index(4), epoch(4), confirm(32).
 * Kick (slave -> master, type 7): version, timestamp(8, ns), master_sae str8, slave_sae str8,
-  signature bytes16. Asks the master for a fresh handshake (the slave lost its session).
+  reason(1), signature bytes16. Asks the master for a fresh handshake: 0 no session, 1 the
+  slave's KME could not deliver a QKD key, 2 the slave's key neared the packet limit.
 
 Parsers raise only ``RemoteProtocolError`` (malformed input); authentication is the state
 machine's job (``qgate.protocol.peer``).
@@ -29,6 +30,14 @@ from typing import ClassVar, Final, Self
 from qgate.constants import CONFIRM_SIZE, PROTOCOL_VERSION
 from qgate.errors import RemoteProtocolError
 from qgate.protocol.codec import Reader, Writer
+
+KICK_NO_SESSION: Final = 0
+"""Kick reason: the slave has no usable session (start, restart, or data on an unknown epoch)."""
+KICK_QKD_UNAVAILABLE: Final = 1
+"""Kick reason: the slave's KME could not deliver the QKD key a handshake or ratchet named."""
+KICK_PACKET_LIMIT: Final = 2
+"""Kick reason: the slave's sending key neared the AES-GCM packet limit."""
+KICK_REASONS: Final = frozenset({KICK_NO_SESSION, KICK_QKD_UNAVAILABLE, KICK_PACKET_LIMIT})
 
 RANDOM_SIZE: Final = 32
 """Bytes of fresh randomness in M1 and M2."""
@@ -278,18 +287,19 @@ class RatchetConfirm(_Confirm):
 
 @dataclass(frozen=True)
 class Kick:
-    """The slave's signed request for a fresh handshake (it has no usable session)."""
+    """The slave's signed request for a fresh handshake, with the reason (KICK_* below)."""
 
     TYPE: ClassVar[int] = 7
     timestamp: int
     master_sae: str
     slave_sae: str
+    reason: int = 0
     signature: bytes = b""
 
     def signed_part(self) -> bytes:
         """Return the encoding of every field before ``signature``."""
         w = Writer().u8(PROTOCOL_VERSION).u64(self.timestamp)
-        return w.str8(self.master_sae).str8(self.slave_sae).getvalue()
+        return w.str8(self.master_sae).str8(self.slave_sae).u8(self.reason).getvalue()
 
     def encode(self) -> bytes:
         """Return the full message."""
@@ -300,7 +310,11 @@ class Kick:
         """Parse a Kick; raise ``RemoteProtocolError`` if malformed."""
         r = Reader(data, "Kick")
         _version(r)
-        msg = cls(r.u64("timestamp"), r.str8("master_sae"), r.str8("slave_sae"), r.bytes16("signature"))
+        msg = cls(
+            r.u64("timestamp"), r.str8("master_sae"), r.str8("slave_sae"), r.u8("reason"), r.bytes16("sig")
+        )
+        if msg.reason not in KICK_REASONS:
+            raise RemoteProtocolError(f"Kick: unknown reason {msg.reason}")
         r.end()
         return msg
 

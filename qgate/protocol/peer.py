@@ -28,6 +28,9 @@ from qgate.protocol import keyschedule as ks
 from qgate.protocol.epoch import Epoch, EpochSet
 from qgate.protocol.messages import (
     KEM_IDS,
+    KICK_NO_SESSION,
+    KICK_PACKET_LIMIT,
+    KICK_QKD_UNAVAILABLE,
     RANDOM_SIZE,
     InitConfirm,
     InitHello,
@@ -169,6 +172,7 @@ class Peer:
         wall_ns: Callable[[], int],
         now: float,
         x25519_keys: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
+        index_taken: Callable[[int], bool] = lambda index: False,
     ) -> None:
         """Create the engine; a master starts its first handshake at once.
 
@@ -181,10 +185,12 @@ class Peer:
             now: the current monotonic time.
             x25519_keys: makes ephemeral X25519 key pairs (RFC 7748); tests inject fixed ones to
                 record vectors.
+            index_taken: tells whether a receiver index is in use by another peer of this gateway.
         """
         self.config = config
         self._identity = identity
         self._x25519_keys = x25519_keys
+        self._index_taken = index_taken
         self._peer_key = peer_key
         self._rng = rng
         self._wall_ns = wall_ns
@@ -204,6 +210,7 @@ class Peer:
         self.mode: Literal["hybrid", "degraded"] | None = None
         self.interval = config.interval
         self.last_problem = ""
+        self._unknown_seen = 0
         self.last_handshake_at: float | None = None
         self._answered: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
 
@@ -226,7 +233,7 @@ class Peer:
     def _new_index(self) -> int:
         while True:
             index = int.from_bytes(self._rng(4), "big")
-            if index and index not in self.epochs.by_index:
+            if index and index not in self.epochs.by_index and not self._index_taken(index):
                 return index
 
     def _new_request(self) -> int:
@@ -266,6 +273,8 @@ class Peer:
                 self._begin(now, "hs")
         elif self._next_kem_at is not None and now >= self._next_kem_at:
             self._begin(now, "hs")
+        elif not self.epochs.usable(current, now):
+            self._begin(now, "hs")  # never ratchet from a key past its hard lifetime
         elif (self._next_ratchet_at is not None and now >= self._next_ratchet_at) or (
             current.send_counter >= AEAD_PACKET_SOFT_LIMIT
         ):
@@ -300,8 +309,10 @@ class Peer:
         self.stats.handshake_failures += 1
         self._event("handshake_abandoned" if pending.kind == "hs" else "ratchet_abandoned", reason=why)
         self._pending = None
-        if self.config.may_degrade and not pending.degraded:
-            self._begin_degraded(now, why)
+        if pending.kind == "rk":
+            self._next_kem_at = now  # a ratchet that failed is replaced by a full handshake (any doubt)
+        if self.config.may_degrade and not pending.degraded and why.startswith("qkd:"):
+            self._begin_degraded(now, why)  # only this side's own KME failure, never a lost datagram
             return
         delay = max(self._fetch_backoff, HANDSHAKE_RETRY / 2)
         if pending.kind == "hs":
@@ -337,6 +348,7 @@ class Peer:
         self._fetch_backoff = min(max(2 * self._fetch_backoff, 0.5), FETCH_BACKOFF_MAX)
         self._event("qkd_request_failed", reason=reason, retry_in=self._fetch_backoff)
         if self._inflight.pop(request_id, None) is not None:
+            self.send_kick(now, KICK_QKD_UNAVAILABLE)  # signed: the master may fall back (its policy)
             return
         pending = self._pending
         if pending is not None and pending.request_id == request_id:
@@ -369,7 +381,7 @@ class Peer:
         p.dk = cfg.kem.generate()
         p.x25519 = self._x25519_keys() if cfg.x25519 else None
         p.my_index = self._new_index()
-        p.epoch = self.epochs.current.number + 1 if self.epochs.current else 1
+        p.epoch = (self.epochs.current.number + 1) & 0xFFFFFFFF if self.epochs.current else 1
         m1 = InitHello(
             kem_id=KEM_IDS[cfg.kem.name],
             x25519=cfg.x25519,
@@ -393,7 +405,7 @@ class Peer:
     def _send_r1(self, p: _Pending, base: Epoch, now: float) -> None:
         """Step RK-1: R1 = fresh QKD key_IDs, MAC under k_auth(ck_n)."""
         assert p.qkd_key is not None
-        p.base, p.my_index, p.epoch = base, self._new_index(), base.number + 1
+        p.base, p.my_index, p.epoch = base, self._new_index(), (base.number + 1) & 0xFFFFFFFF
         r1 = RatchetRequest(base.peer_index, p.my_index, p.epoch, p.key_ids)
         r1 = replace(r1, mac=ks.mac(ks.ratchet_auth_key(base.chaining_key), ks.MAC_R1, r1.mac_part()))
         p.r1 = r1
@@ -464,7 +476,9 @@ class Peer:
         )
         if not ks.mac_ok(keys.kc_slave, ks.CONFIRM_M2, m2.confirm, th):
             raise AuthenticationError("M2 key confirmation failed")
-        epoch = self._make_epoch(p.epoch, p.my_index, m2.sender_index, keys, now, "handshake", p.key_ids)
+        # Age counts from the start of the exchange: the slave cannot have made its keys earlier, so
+        # this side stops using them no later than the slave does.
+        epoch = self._make_epoch(p.epoch, p.my_index, m2.sender_index, keys, p.started, "handshake", p.key_ids)
         m3 = InitConfirm(m2.sender_index, p.epoch, ks.mac(keys.kc_master, ks.CONFIRM_M3, th))
         self._finish_master(epoch, ks.transcript_hash(m2.encode()), InitConfirm.TYPE, m3.encode(), now)
         first = self.stats.handshakes == 0
@@ -484,7 +498,7 @@ class Peer:
             p.keys.kc_slave, ks.CONFIRM_R2, r2.confirm, p.r1_hash, r2.confirmed_part()
         ):
             raise AuthenticationError("R2 key confirmation failed")
-        epoch = self._make_epoch(p.epoch, p.my_index, r2.sender_index, p.keys, now, "ratchet", p.key_ids)
+        epoch = self._make_epoch(p.epoch, p.my_index, r2.sender_index, p.keys, p.started, "ratchet", p.key_ids)
         r3 = RatchetConfirm(r2.sender_index, p.epoch)
         r3 = replace(r3, confirm=ks.mac(p.keys.kc_master, ks.CONFIRM_R3, p.r1_hash, r3.confirmed_part()))
         self._finish_master(epoch, ks.transcript_hash(r2.encode()), RatchetConfirm.TYPE, r3.encode(), now)
@@ -503,23 +517,33 @@ class Peer:
             self._actions.append(SendDatagram(keepalive))
 
     def _on_kick(self, kick: Kick, now: float) -> None:
-        """Step HS-K: a verified Kick from the slave starts a fresh handshake."""
+        """Step HS-K: a verified Kick from the slave starts a fresh handshake.
+
+        Only a signed Kick saying the slave's KME failed lets a degradable master fall back to
+        HS-D; lost datagrams never do (an attacker who drops packets cannot force a downgrade).
+        """
         if kick.master_sae != self.config.my_sae or kick.slave_sae != self.config.peer_sae:
             raise AuthenticationError("Kick names other SAEs")
         self._verify("Kick", kick.signature, ks.SIG_KICK + kick.signed_part())
         if kick.timestamp <= self._last_peer_ts:
             raise RemoteProtocolError("Kick replayed (timestamp not newer)")
         self._last_peer_ts = kick.timestamp
-        self._event("kick_received")
+        self._event("kick_received", reason_code=kick.reason)
+        if kick.reason == KICK_QKD_UNAVAILABLE and self.config.may_degrade:
+            pending = self._pending
+            if pending is None or not pending.degraded:
+                self._pending = None
+                self._begin_degraded(now, "the peer's KME could not deliver the QKD key")
+            return
         self.start_handshake(now)
 
     # ----- slave ---------------------------------------------------------------------
-    def send_kick(self, now: float) -> None:
+    def send_kick(self, now: float, reason: int = KICK_NO_SESSION) -> None:
         """Slave: ask the master for a handshake (rate-limited to one per KICK_INTERVAL)."""
         if self.config.role != "slave" or now < self._next_kick_at:
             return
         self._next_kick_at = now + KICK_INTERVAL
-        kick = Kick(self._wall_ns(), self.config.peer_sae, self.config.my_sae)
+        kick = Kick(self._wall_ns(), self.config.peer_sae, self.config.my_sae, reason)
         kick = replace(kick, signature=self._identity.sign(ks.SIG_KICK + kick.signed_part()))
         self.stats.kicks_sent += 1
         self._send_message(Kick.TYPE, kick.encode(), now)
@@ -555,8 +579,8 @@ class Peer:
         if self._resend_answer(ks.transcript_hash(body)) or self._is_inflight(body):
             return
         base = self.epochs.by_index.get(r1.receiver_index)
-        if base is None:  # any live epoch: after a lost R2 the slave may have moved past the master's base
-            raise RemoteProtocolError("R1 names no live epoch")
+        if base is None or not self.epochs.usable(base, now):  # any live epoch (after a lost R2 the
+            raise RemoteProtocolError("R1 names no live epoch")  # slave may have moved past it)
         if not ks.mac_ok(ks.ratchet_auth_key(base.chaining_key), ks.MAC_R1, r1.mac, r1.mac_part()):
             raise AuthenticationError("R1 MAC failed")
         if base is self.epochs.next:
@@ -752,7 +776,7 @@ class Peer:
             self._promote(now)
         elif current is not None and current.send_counter >= AEAD_PACKET_SOFT_LIMIT:
             if self.config.role == "slave":
-                self.send_kick(now)  # only the master rekeys: ask it for a fresh handshake
+                self.send_kick(now, KICK_PACKET_LIMIT)  # only the master rekeys: ask it for a fresh handshake
             elif current.send_counter == AEAD_PACKET_SOFT_LIMIT:
                 self._next_ratchet_at = now  # due at once (step RK-0); later seals keep any backoff
         return epochs.seal(packet, now)
@@ -765,8 +789,12 @@ class Peer:
         """
         opened = self.epochs.open(datagram, now)
         if opened is None:
-            if self.config.role == "slave" and self.epochs.current is None and self.epochs.next is None:
-                self.send_kick(now)
+            if self.config.role == "slave" and (
+                (self.epochs.current is None and self.epochs.next is None)
+                or self.epochs.stats.drops_unknown_index > self._unknown_seen
+            ):
+                self._unknown_seen = self.epochs.stats.drops_unknown_index
+                self.send_kick(now)  # the master sends on an epoch this side lacks: resync (rate-limited)
             return None
         plaintext, epoch = opened
         if epoch is self.epochs.next:
