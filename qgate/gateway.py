@@ -168,6 +168,7 @@ class Gateway:
                 rng=os.urandom,
                 wall_ns=time.time_ns,
                 now=now,
+                index_taken=self._index_taken,
             )
             stock = KeyStock(p.qkd_prefetch if p.qkd_role == "master" else 0)
             self._peers.append(_PeerLink(p, engine, (p.endpoint.host, p.endpoint.port), stock))
@@ -180,6 +181,10 @@ class Gateway:
         self._net: NetHandle | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _index_taken(self, index: int) -> bool:
+        """Whether a receiver index is in use by any peer (indexes route data to peers)."""
+        return any(index in link.engine.epochs.by_index for link in self._peers)
 
     # ----- lifecycle -----------------------------------------------------------------
     async def run(self) -> None:

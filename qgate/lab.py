@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -230,14 +230,16 @@ class Lab:
         wait_until("tcpdump to listen", listening, timeout=10)
         return child
 
-    def start_kmes(self, *, rate: int = setup.KME_RATE) -> None:
+    def start_kmes(self, *, rate: int = setup.KME_RATE, admins: Sequence[str] = ()) -> None:
         """Start both KME simulators (one per gateway namespace) and wait until both listen.
 
         Args:
             rate: simulated QKD key rate of each KME, bits per second.
+            admins: client certificate CNs allowed to inject faults at run time (``--admin``).
         """
         for site, role in (("a", "ga"), ("b", "gb")):
-            self.start(f"kme-{site}", role, setup.kms_sim_argv(sys.executable, self.run_dir, site, rate=rate))
+            argv = setup.kms_sim_argv(sys.executable, self.run_dir, site, rate=rate, admins=admins)
+            self.start(f"kme-{site}", role, argv)
         kmes = [c for c in self.kids.items if c.name.startswith("kme-")]
 
         def listening() -> bool:

@@ -478,7 +478,9 @@ class Peer:
             raise AuthenticationError("M2 key confirmation failed")
         # Age counts from the start of the exchange: the slave cannot have made its keys earlier, so
         # this side stops using them no later than the slave does.
-        epoch = self._make_epoch(p.epoch, p.my_index, m2.sender_index, keys, p.started, "handshake", p.key_ids)
+        epoch = self._make_epoch(
+            p.epoch, p.my_index, m2.sender_index, keys, p.started, "handshake", p.key_ids
+        )
         m3 = InitConfirm(m2.sender_index, p.epoch, ks.mac(keys.kc_master, ks.CONFIRM_M3, th))
         self._finish_master(epoch, ks.transcript_hash(m2.encode()), InitConfirm.TYPE, m3.encode(), now)
         first = self.stats.handshakes == 0
@@ -498,7 +500,9 @@ class Peer:
             p.keys.kc_slave, ks.CONFIRM_R2, r2.confirm, p.r1_hash, r2.confirmed_part()
         ):
             raise AuthenticationError("R2 key confirmation failed")
-        epoch = self._make_epoch(p.epoch, p.my_index, r2.sender_index, p.keys, p.started, "ratchet", p.key_ids)
+        epoch = self._make_epoch(
+            p.epoch, p.my_index, r2.sender_index, p.keys, p.started, "ratchet", p.key_ids
+        )
         r3 = RatchetConfirm(r2.sender_index, p.epoch)
         r3 = replace(r3, confirm=ks.mac(p.keys.kc_master, ks.CONFIRM_R3, p.r1_hash, r3.confirmed_part()))
         self._finish_master(epoch, ks.transcript_hash(r2.encode()), RatchetConfirm.TYPE, r3.encode(), now)
