@@ -235,3 +235,8 @@ def test_one_step_kdf_hmac_empty_salt_uses_zero_block() -> None:
 def test_hkdf_rejects_zero_length() -> None:
     with pytest.raises(CryptoError):
         hkdf("sha256", b"k", salt=b"", info=b"", length=0)
+
+
+@pytest.mark.skip(reason="ETSI KMAC rows (24): cryptography offers no KMAC, so qgate has no KMAC combiner")
+def test_kmac_rows_are_not_covered() -> None:
+    """Stated as a visible skip so the uncovered rows show in every test report."""

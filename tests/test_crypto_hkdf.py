@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from vectors import parse_rsp, wycheproof_tests
 
-from qgate.crypto.combiner import hkdf
+from qgate.crypto.combiner import hkdf, hkdf_expand
 from qgate.errors import CryptoError
 
 _HASHES = {"SHA-256": "sha256", "SHA-384": "sha384", "SHA-512": "sha512"}
@@ -28,6 +28,15 @@ def test_hkdf_matches_rfc5869_vectors(rec: dict[str, str]) -> None:
         salt=bytes.fromhex(rec["salt"]),
         info=bytes.fromhex(rec["info"]),
         length=int(rec["L"]),
+    )
+    assert okm.hex() == rec["OKM"].lower()
+
+
+@pytest.mark.parametrize("rec", [r for r in RFC_ROWS if "PRK" in r.values[0]])
+def test_hkdf_expand_matches_rfc5869_prk_to_okm(rec: dict[str, str]) -> None:
+    """The Expand step alone (qgate's KS-RA uses it on the chaining key), RFC 5869 appendix A."""
+    okm = hkdf_expand(
+        _HASHES[rec["Hash"]], bytes.fromhex(rec["PRK"]), info=bytes.fromhex(rec["info"]), length=int(rec["L"])
     )
     assert okm.hex() == rec["OKM"].lower()
 

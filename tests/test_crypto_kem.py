@@ -88,6 +88,18 @@ def test_encapsulate_rejects_invalid_wycheproof_keys(name: str, test: dict[str, 
         assert len(shared) == 32 and len(ciphertext) == kem.ciphertext_size
 
 
+@pytest.mark.parametrize(("name", "test"), _wycheproof("encaps_test"))
+def test_qgates_own_public_key_check_rejects_invalid_wycheproof_keys(name: str, test: dict[str, str]) -> None:
+    """The FIPS 203 s7.2 check by itself (not only the provider's own refusal)."""
+    ek = bytes.fromhex(test["ek"])
+    k = 3 if name.endswith("768") else 4
+    if test["result"] == "invalid":
+        with pytest.raises(CryptoError):
+            check_mlkem_encapsulation_key(ek, k)
+    else:
+        check_mlkem_encapsulation_key(ek, k)
+
+
 def _kat(name: str) -> list[Any]:
     bits = name.rsplit("-", 1)[1]
     return [

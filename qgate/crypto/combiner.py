@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from typing import Final, Literal
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from qgate.crypto.secret import Secret
 from qgate.errors import CryptoError
@@ -136,6 +136,24 @@ def hkdf(hash_name: str, ikm: SecretLike, *, salt: bytes, info: bytes, length: i
     if not 0 < length <= 255 * algorithm.digest_size:
         raise CryptoError(f"HKDF-{hash_name} output length {length} out of range")
     return HKDF(algorithm, length, salt, info).derive(_raw(ikm))
+
+
+def hkdf_expand(hash_name: str, prk: SecretLike, *, info: bytes, length: int) -> bytes:
+    """HKDF-Expand alone (RFC 5869 section 2.3), for a PRK that is already uniformly random.
+
+    Args:
+        hash_name: ``sha256``, ``sha384`` or ``sha512``.
+        prk: pseudorandom key of at least HashLen bytes (qgate: a 48-byte chaining key).
+        info: expand context.
+        length: output bytes, 1 .. 255 x HashLen.
+
+    Raises:
+        CryptoError: unsupported hash or length out of range.
+    """
+    algorithm = _hash(hash_name)
+    if not 0 < length <= 255 * algorithm.digest_size:
+        raise CryptoError(f"HKDF-Expand-{hash_name} output length {length} out of range")
+    return HKDFExpand(algorithm, length, info).derive(_raw(prk))
 
 
 def one_step_kdf_hmac(hash_name: str, secret: SecretLike, *, salt: bytes, info: bytes, length: int) -> bytes:

@@ -31,11 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-
 from qgate.constants import AEAD_KEY_SIZE, CONFIRM_SIZE, HASH_SIZE
-from qgate.crypto.combiner import cat_kdf
+from qgate.crypto.combiner import cat_kdf, hkdf, hkdf_expand
 from qgate.crypto.secret import Secret
 from qgate.protocol.codec import Writer
 
@@ -125,8 +122,7 @@ def handshake_keys(
 
 def ratchet_auth_key(chaining_key: Secret) -> Secret:
     """Return the 32-byte key that authenticates R1 under chaining key ``ck_n`` (label KS-RA)."""
-    expand = HKDFExpand(hashes.SHA384(), AEAD_KEY_SIZE, INFO_RATCHET_AUTH)
-    return Secret(expand.derive(chaining_key.reveal()))
+    return Secret(hkdf_expand("sha384", chaining_key, info=INFO_RATCHET_AUTH, length=AEAD_KEY_SIZE))
 
 
 def ratchet_keys(chaining_key: Secret, qkd_key: Secret, *, epoch: int, request_hash: bytes) -> EpochKeys:
@@ -138,9 +134,9 @@ def ratchet_keys(chaining_key: Secret, qkd_key: Secret, *, epoch: int, request_h
         epoch: the new epoch number (u32).
         request_hash: SHA-384 of R1 without its MAC (48 bytes).
     """
-    prk = hmac.new(chaining_key.reveal(), qkd_key.reveal(), hashlib.sha384).digest()  # HKDF-Extract
     info = INFO_RATCHET + epoch.to_bytes(4, "big") + request_hash
-    km = HKDFExpand(hashes.SHA384(), KEY_MATERIAL_SIZE, info).derive(prk)
+    # HKDF-Extract(salt = ck_n, IKM = QKD key), then Expand: the vector-tested combiner.hkdf.
+    km = hkdf("sha384", qkd_key, salt=chaining_key.reveal(), info=info, length=KEY_MATERIAL_SIZE)
     return _split(km)
 
 
