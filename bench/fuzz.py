@@ -40,12 +40,16 @@ from typing import Final
 REPO: Final = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's ``tests/fuzz_corpus.py`` importable
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:  # and the test providers the recorded engines use
+    sys.path.insert(1, str(REPO / "tests"))
 
+from qgate.constants import MSG_DATA  # noqa: E402
 from qgate.dataplane.routing import RouteTable  # noqa: E402
 from qgate.errors import KmsBadAnswerError, PolicyError, RemoteProtocolError  # noqa: E402
 from qgate.kms import etsi014  # noqa: E402
 from qgate.policy import parse_policy  # noqa: E402
 from qgate.protocol import messages as m  # noqa: E402
+from qgate.protocol.peer import Peer  # noqa: E402
 from qgate.protocol.wire import Reassembler, classify_datagram, parse_data_header, parse_fragment  # noqa: E402
 from tests.fuzz_corpus import (  # noqa: E402
     DATA_FIELDS,
@@ -479,7 +483,39 @@ def build_targets() -> list[Target]:
         Target("routing.RouteTable.for_destination", (), gen(ip), _route_call(table, source=False)),
         Target("routing.RouteTable.for_source", (), gen(ip), _route_call(table, source=True)),
     ]  # fmt: skip
+    targets += _peer_targets(gen)
     return targets
+
+
+def _peer_targets(gen: Callable[..., Callable[[random.Random], bytes]]) -> list[Target]:
+    """The protocol engines' entry points for outside datagrams: they never raise (docs/protocol.md s4).
+
+    Inputs are mutations of the real datagrams of an in-memory handshake, ratchet and data exchange.
+    """
+    from tests.qgate_recorder import Inputs, run_scenario  # deterministic engines (recorded vectors)
+
+    seen: list[bytes] = []
+    inputs = Inputs()
+    harness = run_scenario(inputs, lambda datagram: seen.append(datagram.data))
+    pool = [Sample(d) for d in seen]
+    now = inputs.data_2_at  # both engines hold live epochs at this time
+
+    def feed(peer_of: Callable[[], Peer]) -> Callable[[bytes], object]:
+        def call(data: bytes) -> object:
+            peer = peer_of()
+            if data[:1] == bytes([MSG_DATA]):
+                peer.open(data, now)
+            else:
+                peer.receive_fragment(data, now)
+            peer.take_actions()
+            return None
+
+        return call
+
+    return [
+        Target("peer.master.receive", (), gen(pool, keep=0.1), feed(lambda: harness.master)),
+        Target("peer.slave.receive", (), gen(pool, keep=0.1), feed(lambda: harness.slave)),
+    ]
 
 
 # --- runner -------------------------------------------------------------------------------------------

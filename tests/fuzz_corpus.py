@@ -116,7 +116,7 @@ def build_messages(rng: random.Random) -> list[m.Message]:
         )
         out.append(m.RespHello(u32(), u32(), 7, rng.randbytes(32), rng.randbytes(ct), xpub,
                                rng.randbytes(sig), rng.randbytes(32)))  # fmt: skip
-        out.append(m.Kick(rng.getrandbits(63), "SAE_A", "SAE_B", rng.randbytes(sig)))
+        out.append(m.Kick(rng.getrandbits(63), "SAE_A", "SAE_B", rng.randrange(3), rng.randbytes(sig)))
         out.append(m.RatchetRequest(u32(), u32(), 8, ids(n_ids), rng.randbytes(32)))
     out += [m.InitConfirm(u32(), 7, rng.randbytes(32)), m.RatchetResponse(u32(), u32(), 8, rng.randbytes(32))]
     out += [
