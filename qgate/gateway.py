@@ -20,15 +20,17 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from qgate import control
 from qgate.audit import AuditLog
-from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
+from qgate.constants import QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
 from qgate.control import default_socket
 from qgate.crypto.kem import get_kem
+from qgate.dataplane.forwarder import Forwarder, ForwarderStats, Link
 from qgate.dataplane.routing import RouteTable
-from qgate.dataplane.tun import TunDevice
+from qgate.dataplane.tunio import VnetTun
+from qgate.dataplane.udpio import UdpBatchIO
 from qgate.errors import ConfigError, DataPlaneError, QgateError
 from qgate.keyfiles import load_identity, load_peer_public_key
 from qgate.keysupply import KeyStock, paced_interval
@@ -69,12 +71,8 @@ LOG_BURST: Final = 5
 """Warning lines per event kind per second at most (a flood of bad datagrams is counted, not logged)."""
 STATS_PERIOD: Final = 1.0
 """Seconds between rewrites of the statistics file."""
-BATCH: Final = 256
-"""Packets read from the TUN or the socket per wake-up at most."""
 SOCKET_BUFFER: Final = 4 << 20
 """Bytes of kernel socket buffer asked for in each direction."""
-RECV_SIZE: Final = 65535
-"""Bytes: the largest UDP datagram."""
 _WARN_EVENTS: Final = frozenset(
     {
         "authentication_failed",
@@ -88,15 +86,8 @@ _WARN_EVENTS: Final = frozenset(
 
 @dataclass
 class GatewayStats:
-    """Counters that belong to no single peer."""
+    """Counters of the gateway itself (the forwarder keeps the data path's)."""
 
-    rx_not_qgate: int = 0
-    rx_unknown_source: int = 0
-    rx_unknown_index: int = 0
-    drops_bad_inner_source: int = 0
-    drops_no_route: int = 0
-    drops_send_error: int = 0
-    tun_write_errors: int = 0
     audit_failures: int = 0
 
 
@@ -176,7 +167,9 @@ class Gateway:
         self._routes: RouteTable[_PeerLink] = RouteTable(
             (net, link) for link in self._peers for net in link.policy.subnets
         )
-        self._tun: TunDevice | None = None
+        self._tun: VnetTun | None = None
+        self._fwd: Forwarder | None = None
+        self._idle_stats = ForwarderStats()
         self._sock: socket.socket | None = None
         self._net: NetHandle | None = None
         self._stop = asyncio.Event()
@@ -230,7 +223,7 @@ class Gateway:
 
     def _open(self) -> None:
         pol = self.policy
-        self._tun = TunDevice.open(pol.tun.name)
+        self._tun = VnetTun.open(pol.tun.name)
         routes = [net for link in self._peers for net in link.policy.subnets]
         self._net = configure_tun(self._tun.name, mtu=pol.tun.mtu, address=pol.tun.address, routes=routes)
         log.info("TUN %s up, MTU %d, routes %s", self._tun.name, pol.tun.mtu, ", ".join(map(str, routes)))
@@ -245,6 +238,17 @@ class Gateway:
             raise DataPlaneError(f"cannot bind UDP {pol.listen}: {exc.strerror or exc}") from exc
         sock.setblocking(False)
         self._sock = sock
+        links: list[Link] = list(self._peers)
+        self._fwd = Forwarder(
+            self._tun,
+            UdpBatchIO(sock),
+            cast("RouteTable[Link]", self._routes),
+            links,
+            self._mtu,
+            cast("dict[tuple[str, int], Link]", self._by_address),
+            self._on_handshake,
+            self._after_peer,
+        )
         assert self._loop is not None
         self._loop.add_reader(self._tun.fd, self._on_tun_readable)
         self._loop.add_reader(sock.fileno(), self._on_udp_readable)
@@ -287,88 +291,24 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), TICK)
 
-    # ----- data plane ----------------------------------------------------------------
+    # ----- data plane (qgate.dataplane.forwarder) -------------------------------------
     def _on_tun_readable(self) -> None:
-        tun, sock = self._tun, self._sock
-        if tun is None or sock is None:
-            return
-        now = time.monotonic()
-        touched: set[int] = set()
-        for _ in range(BATCH):
-            packet = tun.read()
-            if packet is None:
-                break
-            link = self._routes.for_destination(packet)
-            if link is None:
-                self.stats.drops_no_route += 1
-                continue
-            if len(packet) > self._mtu:
-                link.too_big += 1
-                continue
-            datagram = link.engine.seal(packet, now)
-            if datagram is None:
-                touched.add(id(link))
-                continue
-            self._send(link, datagram)
-        for link in self._peers:
-            if id(link) in touched and not link.engine.established:
-                link.engine.handle_timer(now)
-                self._flush(link)
+        if self._fwd is not None:
+            self._fwd.on_tun_readable(time.monotonic())
 
     def _on_udp_readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        now = time.monotonic()
-        for _ in range(BATCH):
-            try:
-                datagram, address = sock.recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                log.debug("UDP receive error: %s", exc)
-                continue
-            self._on_datagram(datagram, (address[0], address[1]), now)
+        if self._fwd is not None:
+            self._fwd.on_udp_readable(time.monotonic())
 
-    def _on_datagram(self, datagram: bytes, address: tuple[str, int], now: float) -> None:
-        kind = datagram[0] if datagram else -1
-        if kind == MSG_DATA:
-            link = self._link_for_index(datagram) or self._by_address.get(address)
-            if link is None:
-                self.stats.rx_unknown_index += 1
-                return
-            plaintext = link.engine.open(datagram, now)
-            if plaintext:
-                self._deliver(link, plaintext)
-            self._flush(link)
-        elif kind == MSG_HANDSHAKE_FRAGMENT:
-            link = self._by_address.get(address)
-            if link is None:
-                self.stats.rx_unknown_source += 1
-                return
-            link.engine.receive_fragment(datagram, now)
-            self._flush(link)
-        else:
-            self.stats.rx_not_qgate += 1
+    def _on_handshake(self, link: Link, datagram: bytes, now: float) -> None:
+        link.engine.receive_fragment(datagram, now)
 
-    def _link_for_index(self, datagram: bytes) -> _PeerLink | None:
-        index = int.from_bytes(datagram[4:8], "big")
-        for link in self._peers:
-            if index in link.engine.epochs.by_index:
-                return link
-        return None
+    def _fwd_stats(self) -> ForwarderStats:
+        return self._fwd.stats if self._fwd is not None else self._idle_stats
 
-    def _deliver(self, link: _PeerLink, packet: bytes) -> None:
-        if self._routes.for_source(packet) is not link:
-            self.stats.drops_bad_inner_source += 1
-            return
-        tun = self._tun
-        if tun is None:
-            return
-        try:
-            tun.write(packet)
-        except (OSError, DataPlaneError):
-            self.stats.tun_write_errors += 1
+    def _after_peer(self, link: Link, now: float) -> None:
+        assert isinstance(link, _PeerLink)
+        self._flush(link)
 
     def _send(self, link: _PeerLink, datagram: bytes) -> None:
         sock = self._sock
@@ -377,7 +317,7 @@ class Gateway:
         try:
             sock.sendto(datagram, link.address)
         except OSError:
-            self.stats.drops_send_error += 1
+            self._fwd_stats().drops_send_error += 1
 
     # ----- actions -------------------------------------------------------------------
     def _flush(self, link: _PeerLink) -> None:
@@ -551,6 +491,7 @@ class Gateway:
             "gateway": self.policy.name,
             **totals,
             **asdict(self.stats),
+            **asdict(self._fwd_stats()),
             "master": master_rekeys,
             "peers": peers,
         }
@@ -572,7 +513,7 @@ class Gateway:
             "pid": os.getpid(),
             "uptime_s": round(now - self._started, 3),
             "peers": [self._peer_status(link, now) for link in self._peers],
-            "counters": asdict(self.stats),
+            "counters": {**asdict(self.stats), **asdict(self._fwd_stats())},
         }
 
     def _peer_status(self, link: _PeerLink, now: float) -> dict[str, object]:

@@ -191,10 +191,13 @@ class WanReport:
         other_packets: IPv4 packets between the WAN addresses that are not UDP (e.g. KME-to-KME TLS).
         ip_fragments: IPv4 fragments seen (qgate never relies on IP fragmentation).
         plaintext_hits: frames (of any kind) holding a 16-byte run of known inner payload.
+        gso_batches: captured UDP GSO super-datagrams (the capture point sees them before the
+            kernel cuts them into wire datagrams; each segment is counted in ``datagrams``).
     """
 
     frames: int = 0
     datagrams: int = 0
+    gso_batches: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     unparsed: int = 0
     other_packets: int = 0
@@ -247,10 +250,34 @@ def analyse_wan(
         if udp is None:
             report.other_packets += 1
             continue
-        report.datagrams += 1
-        kind = classify(udp.payload) if classify is not None else None
-        if kind is None:
-            report.unparsed += 1
-        else:
-            report.kinds[kind] += 1
+        segments = gso_segments(udp.payload) if classify is not None else [udp.payload]
+        report.gso_batches += len(segments) > 1
+        for segment in segments:
+            report.datagrams += 1
+            kind = classify(segment) if classify is not None else None
+            if kind is None:
+                report.unparsed += 1
+            else:
+                report.kinds[kind] += 1
     return report
+
+
+_DATA_PREFIX = b"\x04\x00\x00\x00"  # qgate data record: type 0x04, three zero bytes
+
+
+def gso_segments(payload: bytes) -> list[bytes]:
+    """Cut a captured UDP GSO super-datagram back into the wire datagrams it stands for.
+
+    The sender's capture point sees a GSO batch as one UDP payload of equal-size segments (the
+    last may be shorter). Every qgate data record starts with ``04 00 00 00``; the segment size is
+    the smallest that puts that prefix at every segment start. Anything else is one datagram.
+    """
+    if not payload.startswith(_DATA_PREFIX):
+        return [payload]
+    size = payload.find(_DATA_PREFIX, 32)
+    while size > 0:
+        starts = range(0, len(payload), size)
+        if all(payload.startswith(_DATA_PREFIX, pos) for pos in starts) and len(payload) - starts[-1] >= 32:
+            return [payload[pos : pos + size] for pos in starts]
+        size = payload.find(_DATA_PREFIX, size + 1)
+    return [payload]

@@ -194,6 +194,11 @@ def _apply(
     _step(f"set MTU {mtu} on {name}", lambda: ipr.link("set", index=index, mtu=mtu))
     # A longer queue in front of the TUN rides out short pauses of the reader (GC, a busy core).
     _step(f"set txqueuelen on {name}", lambda: ipr.link("set", index=index, txqlen=TUN_TX_QUEUE))
+    # fq_codel keeps small flows (grid protection, pings) out of a bulk flow's queue (RFC 8290).
+    try:
+        ipr.tc("add", "fq_codel", index=index, handle="1:")
+    except NetlinkError as exc:
+        log.warning("fq_codel on %s not available (%s): the TUN keeps its default qdisc", name, _reason(exc))
     if address is not None:
         try:
             ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)

@@ -140,3 +140,18 @@ def test_read_pcap_drops_truncated_last_record(tmp_path: Path) -> None:
     path = _pcap(tmp_path / "t.pcap", [b"one", b"two-two"])
     path.write_bytes(path.read_bytes()[:-3])
     assert read_pcap(path)[1] == [b"one"]
+
+
+def test_a_captured_udp_gso_batch_is_cut_back_into_its_wire_datagrams() -> None:
+    import os
+
+    from qgate.lab_pcap import gso_segments
+    from qgate.protocol.wire import classify_datagram, pack_data_header
+
+    records = [pack_data_header(7, n) + os.urandom(1400) for n in range(5)]
+    records.append(pack_data_header(7, 5) + os.urandom(300))
+    segments = gso_segments(b"".join(records))
+    assert segments == records
+    assert all(classify_datagram(s) == "data" for s in segments)
+    single = pack_data_header(7, 9) + os.urandom(80)
+    assert gso_segments(single) == [single]

@@ -1,0 +1,181 @@
+"""The forwarding engine: TUN <-> sealed records <-> UDP, in batches, with offloads where the kernel has them.
+
+Outbound: read a (possibly TSO) super-packet from the TUN, split it into real MTU-sized IP packets
+(``offload.split_tso``), seal each as its own record (so one lost WAN datagram costs one inner
+packet), and send each peer's records with one UDP GSO ``sendmsg`` per run of equal sizes.
+Inbound: receive a GRO batch, open and replay-check each record on its own, then coalesce in-order
+TCP segments and write them to the TUN as few super-packets. Without offloads (old kernel) the same
+wire format goes through plain reads, writes, ``sendto`` and ``recvfrom``, logged once at start.
+Per-packet failures are counted, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
+from qgate.dataplane.offload import ZERO_VNET_BYTES, split_tso
+from qgate.dataplane.routing import RouteTable
+from qgate.dataplane.tunio import VnetTun
+from qgate.dataplane.udpio import UdpBatchIO
+from qgate.errors import DataPlaneError
+from qgate.protocol.peer import Peer
+
+log = logging.getLogger(__name__)
+
+TUN_READS_PER_WAKE: Final = 8
+"""TUN reads per wake-up at most (each up to a 64 KB super-packet)."""
+UDP_CALLS_PER_WAKE: Final = 8
+"""recvmsg calls per wake-up at most (each up to 64 GRO'd datagrams)."""
+
+
+class Link(Protocol):
+    """What the forwarder needs of a peer: its engine, UDP address and a too-big counter."""
+
+    engine: Peer
+    address: tuple[str, int]
+    too_big: int
+
+
+@dataclass
+class ForwarderStats:
+    """Counters that belong to no single peer."""
+
+    rx_not_qgate: int = 0
+    rx_unknown_source: int = 0
+    rx_unknown_index: int = 0
+    drops_bad_inner_source: int = 0
+    drops_no_route: int = 0
+    drops_send_error: int = 0
+    drops_bad_offload: int = 0
+    tun_write_errors: int = 0
+
+
+class Forwarder:
+    """Moves packets for a set of peers; the gateway calls the two ``on_*_readable`` hooks.
+
+    Args:
+        tun: the TUN device (with or without a virtio-net header).
+        udp: the batching wrapper of the gateway's UDP socket.
+        routes: inner destination/source -> link.
+        links: every peer link (to find a data record's peer by receiver index).
+        mtu: the inner MTU in bytes; longer inner packets are counted as too big.
+        on_handshake: takes a handshake fragment from a known peer address.
+        after_peer: runs after a link's engine may have queued actions (the gateway flushes them).
+    """
+
+    def __init__(
+        self,
+        tun: VnetTun,
+        udp: UdpBatchIO,
+        routes: RouteTable[Link],
+        links: list[Link],
+        mtu: int,
+        by_address: dict[tuple[str, int], Link],
+        on_handshake: Callable[[Link, bytes, float], None],
+        after_peer: Callable[[Link, float], None],
+    ) -> None:
+        self.tun, self.udp, self.routes, self.links, self.mtu = tun, udp, routes, links, mtu
+        self.by_address = by_address
+        self.on_handshake, self.after_peer = on_handshake, after_peer
+        self.stats = ForwarderStats()
+        log.info(
+            "data path: TUN %s (offloads %#x), UDP GSO %s, GRO %s",
+            "with virtio-net header" if tun.vnet else "plain",
+            tun.offloads,
+            "on" if udp.gso else "off",
+            "on" if udp.gro else "off",
+        )
+
+    # ----- outbound ------------------------------------------------------------------
+    def on_tun_readable(self, now: float) -> None:
+        """Read, split, seal and send what the TUN holds (bounded per call)."""
+        out: dict[int, tuple[Link, list[bytes]]] = {}
+        idle: list[Link] = []
+        for _ in range(TUN_READS_PER_WAKE):
+            got = self.tun.read()
+            if got is None:
+                break
+            try:
+                packets = split_tso(*got)
+            except DataPlaneError:
+                self.stats.drops_bad_offload += 1
+                continue
+            for packet in packets:
+                self._seal_one(packet, now, out, idle)
+        for link, datagrams in out.values():
+            self.stats.drops_send_error += self.udp.send_batch(datagrams, link.address)
+        for link in idle:
+            if not link.engine.established:
+                link.engine.handle_timer(now)  # no session yet: start or hurry the handshake
+            self.after_peer(link, now)
+
+    def _seal_one(
+        self, packet: bytes, now: float, out: dict[int, tuple[Link, list[bytes]]], idle: list[Link]
+    ) -> None:
+        link = self.routes.for_destination(packet)
+        if link is None:
+            self.stats.drops_no_route += 1
+            return
+        if len(packet) > self.mtu:
+            link.too_big += 1
+            return
+        datagram = link.engine.seal(packet, now)
+        if datagram is None:
+            if link not in idle:
+                idle.append(link)
+            return
+        out.setdefault(id(link), (link, []))[1].append(datagram)
+
+    # ----- inbound -------------------------------------------------------------------
+    def on_udp_readable(self, now: float) -> None:
+        """Receive a batch, open each record, write the inner packets (coalesced) to the TUN."""
+        pending: list[bytes] = []
+        touched: dict[int, Link] = {}
+        for datagram, address in self.udp.recv_batch(UDP_CALLS_PER_WAKE):
+            link = self._dispatch(datagram, (address[0], address[1]), now, pending)
+            if link is not None:
+                touched[id(link)] = link
+        for packet in pending:  # one write each: see COALESCE_TO_TUN
+            try:
+                self.tun.write(ZERO_VNET_BYTES, packet)
+            except (OSError, DataPlaneError):
+                self.stats.tun_write_errors += 1
+        for link in touched.values():
+            self.after_peer(link, now)
+
+    def _dispatch(
+        self, datagram: bytes, address: tuple[str, int], now: float, pending: list[bytes]
+    ) -> Link | None:
+        kind = datagram[0] if datagram else -1
+        if kind == MSG_DATA:
+            link = self._link_for_index(datagram) or self.by_address.get(address)
+            if link is None:
+                self.stats.rx_unknown_index += 1
+                return None
+            plaintext = link.engine.open(datagram, now)
+            if plaintext:  # an empty record is a keepalive
+                if self.routes.for_source(plaintext) is link:
+                    pending.append(plaintext)
+                else:
+                    self.stats.drops_bad_inner_source += 1
+            return link
+        if kind == MSG_HANDSHAKE_FRAGMENT:
+            link = self.by_address.get(address)
+            if link is None:
+                self.stats.rx_unknown_source += 1
+                return None
+            self.on_handshake(link, datagram, now)
+            return link
+        self.stats.rx_not_qgate += 1
+        return None
+
+    def _link_for_index(self, datagram: bytes) -> Link | None:
+        index = int.from_bytes(datagram[4:8], "big")
+        for link in self.links:
+            if index in link.engine.epochs.by_index:
+                return link
+        return None

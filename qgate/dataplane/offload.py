@@ -1,0 +1,487 @@
+"""TUN offload helpers: ``virtio_net_hdr``, TSO/USO segmentation and TCP coalescing (pure, no I/O).
+
+A TUN opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` prefixes every packet with a 10-byte
+``struct virtio_net_hdr`` (``include/uapi/linux/virtio_net.h``; Virtio 1.2 section 5.1.6) and may
+hand over one TCP (or UDP, with USO) *super-packet* of up to 64 KB that the kernel did not
+segment, often with only a partial transport checksum (``VIRTIO_NET_HDR_F_NEEDS_CSUM``). qgate
+seals every inner IP packet as its own record, so the read path splits super-packets back into
+real MTU-sized packets with complete checksums (:func:`split_tso`), and the write path merges
+in-order TCP segments of one flow into a super-packet with a GSO header (:func:`coalesce_tcp`),
+so the kernel takes many packets with one ``write``. The rules follow the kernel's
+``tcp_gso_segment``/``tcp_gro_receive`` and wireguard-go's ``tun/offload_linux.go``.
+
+Checksums are the Internet checksum (RFC 1071) with the pseudo-headers of RFC 9293 section 3.1
+(TCP), RFC 768 (UDP) and RFC 8200 section 8.1 (IPv6). The 16-bit ones' complement sum of a buffer
+is computed as ``int.from_bytes(buffer) mod 0xFFFF`` (2**16 = 1 mod 0xFFFF), one C-level pass.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
+
+from qgate.errors import DataPlaneError
+
+VNET_HDR_SIZE: Final = 10
+"""Bytes in ``struct virtio_net_hdr`` (without ``num_buffers``)."""
+VNET_F_NEEDS_CSUM: Final = 0x01
+"""``flags``: the checksum at ``csum_start + csum_offset`` holds only the pseudo-header sum."""
+VNET_F_DATA_VALID: Final = 0x02
+"""``flags``: the checksum was already verified (receive side)."""
+GSO_NONE: Final = 0
+"""``gso_type``: an ordinary packet."""
+GSO_TCPV4: Final = 1
+"""``gso_type``: TCP over IPv4 super-packet (TSO)."""
+GSO_UDP: Final = 3
+"""``gso_type``: UDP fragmentation offload (UFO, obsolete; refused here)."""
+GSO_TCPV6: Final = 4
+"""``gso_type``: TCP over IPv6 super-packet (TSO)."""
+GSO_UDP_L4: Final = 5
+"""``gso_type``: UDP segmentation offload (USO), IPv4 or IPv6."""
+GSO_ECN: Final = 0x80
+"""``gso_type`` bit: the TCP super-packet has CWR set (only the first segment keeps it)."""
+
+PROTO_TCP: Final = 6
+PROTO_UDP: Final = 17
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_PSH: Final = 0x08
+TCP_ACK: Final = 0x10
+TCP_CWR: Final = 0x80
+MAX_IP_PACKET: Final = 65535
+"""Bytes: the largest IPv4 packet / IPv6 payload (no jumbograms)."""
+TCP_CSUM_OFFSET: Final = 16
+"""Byte offset of the checksum in the TCP header (RFC 9293)."""
+UDP_CSUM_OFFSET: Final = 6
+"""Byte offset of the checksum in the UDP header (RFC 768)."""
+
+_VNET: Final = struct.Struct("<BBHHHH")
+
+
+class VnetHeader(NamedTuple):
+    """``struct virtio_net_hdr`` (all fields little-endian on the wire, as the TUN uses them).
+
+    Attributes:
+        flags: ``VNET_F_*`` bits.
+        gso_type: ``GSO_*`` value, possibly or-ed with ``GSO_ECN``.
+        hdr_len: bytes of IP + transport headers (not trusted on read; recomputed).
+        gso_size: payload bytes per segment (the MSS for TCP); 0 when ``GSO_NONE``.
+        csum_start: byte offset where checksumming starts (the transport header).
+        csum_offset: offset of the checksum field from ``csum_start`` (16 TCP, 6 UDP).
+    """
+
+    flags: int = 0
+    gso_type: int = GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+    def pack(self) -> bytes:
+        """Return the 10-byte wire form (little-endian, ``<BBHHHH``)."""
+        return _VNET.pack(*self)
+
+
+ZERO_VNET: Final = VnetHeader()
+"""The header of an ordinary, fully checksummed packet."""
+ZERO_VNET_BYTES: Final = ZERO_VNET.pack()
+
+
+def parse_vnet_header(data: bytes | memoryview) -> VnetHeader:
+    """Parse the first 10 bytes of ``data`` as ``struct virtio_net_hdr``.
+
+    Raises:
+        DataPlaneError: fewer than 10 bytes.
+    """
+    if len(data) < VNET_HDR_SIZE:
+        raise DataPlaneError(f"virtio_net_hdr needs {VNET_HDR_SIZE} bytes, got {len(data)}")
+    return VnetHeader._make(_VNET.unpack_from(data))
+
+
+# ----- checksum arithmetic (RFC 1071) --------------------------------------------------------
+
+
+def sum16(data: bytes | bytearray | memoryview) -> int:
+    """Return the 16-bit ones' complement sum of ``data`` (big-endian words, odd tail zero-padded).
+
+    The result is in 0..0xFFFF and is not complemented; 0 only for all-zero input.
+    """
+    n = int.from_bytes(data, "big")
+    if not n:
+        return 0
+    if len(data) & 1:
+        n <<= 8
+    return n % 0xFFFF or 0xFFFF
+
+
+def fold(value: int) -> int:
+    """Fold a sum of 16-bit ones' complement partial sums into 0..0xFFFF (end-around carry)."""
+    if not value:
+        return 0
+    return value % 0xFFFF or 0xFFFF
+
+
+def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """Return the RFC 1071 checksum (complement of the folded sum) of ``data`` plus ``initial``."""
+    return ~fold(sum16(data) + initial) & 0xFFFF
+
+
+def _ip_layout(packet: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
+    """Return ``(version, ip header length, l4 protocol, address sum)`` of a packet (no v6 ext headers)."""
+    if len(packet) < 20:
+        raise DataPlaneError(f"IP packet too short ({len(packet)} bytes)")
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        if ihl < 20 or len(packet) < ihl:
+            raise DataPlaneError("bad IPv4 header length")
+        return 4, ihl, packet[9], sum16(packet[12:20])
+    if version == 6:
+        if len(packet) < 40:
+            raise DataPlaneError(f"IPv6 packet too short ({len(packet)} bytes)")
+        return 6, 40, packet[6], sum16(packet[8:40])
+    raise DataPlaneError(f"not an IP packet (version {version})")
+
+
+def _ipv4_header_checksum(header: bytearray) -> None:
+    header[10:12] = b"\0\0"
+    header[10:12] = internet_checksum(header).to_bytes(2, "big")
+
+
+def _set_ip_length(header: bytearray, version: int, ip_hlen: int, total: int) -> None:
+    if version == 4:
+        header[2:4] = total.to_bytes(2, "big")
+    else:
+        header[4:6] = (total - 40).to_bytes(2, "big")
+
+
+def recompute_checksums(packet: bytes | bytearray | memoryview) -> bytes:
+    """Return ``packet`` with its IPv4 header checksum and TCP/UDP checksum recomputed from scratch.
+
+    Other protocols (ICMP, ...) get only the IPv4 header checksum. IPv6 extension headers are not
+    walked (the transport must follow the fixed header).
+
+    Raises:
+        DataPlaneError: not an IPv4/IPv6 packet or truncated headers.
+    """
+    version, ihl, proto, addr_sum = _ip_layout(packet)
+    out = bytearray(packet)
+    if version == 4:
+        _ipv4_header_checksum(out)
+    if proto not in (PROTO_TCP, PROTO_UDP):
+        return bytes(out)
+    offset = TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET
+    at = ihl + offset
+    if len(out) < at + 2:
+        raise DataPlaneError("transport header truncated")
+    out[at : at + 2] = b"\0\0"
+    l4len = len(out) - ihl
+    csum = internet_checksum(memoryview(out)[ihl:], addr_sum + proto + l4len)
+    if proto == PROTO_UDP and csum == 0:
+        csum = 0xFFFF
+    out[at : at + 2] = csum.to_bytes(2, "big")
+    return bytes(out)
+
+
+def transport_checksum_ok(packet: bytes | bytearray | memoryview) -> bool:
+    """Return whether the TCP or UDP checksum of an IPv4/IPv6 packet verifies (False for others).
+
+    A UDP checksum of zero over IPv4 (none sent, RFC 768) counts as valid.
+    """
+    try:
+        version, ihl, proto, addr_sum = _ip_layout(packet)
+    except DataPlaneError:
+        return False
+    if proto not in (PROTO_TCP, PROTO_UDP) or len(packet) < ihl + 8:
+        return False
+    if proto == PROTO_UDP and version == 4 and packet[ihl + 6] == 0 and packet[ihl + 7] == 0:
+        return True
+    l4len = len(packet) - ihl
+    return fold(sum16(memoryview(packet)[ihl:]) + addr_sum + proto + l4len) == 0xFFFF
+
+
+def finish_checksum(vnet: VnetHeader, packet: bytes) -> bytes:
+    """Complete the partial checksum of a non-GSO packet marked ``VNET_F_NEEDS_CSUM``.
+
+    The 16 bits at ``csum_start + csum_offset`` hold the pseudo-header sum; the result is the
+    complement of the sum from ``csum_start`` to the end seeded with it (virtio 1.2 5.1.6.2).
+    A packet without the flag is returned unchanged.
+
+    Raises:
+        DataPlaneError: the checksum position lies outside the packet.
+    """
+    if not vnet.flags & VNET_F_NEEDS_CSUM:
+        return packet
+    start, at = vnet.csum_start, vnet.csum_start + vnet.csum_offset
+    if at + 2 > len(packet) or start >= len(packet):
+        raise DataPlaneError(f"checksum position {at} outside a {len(packet)}-byte packet")
+    out = bytearray(packet)
+    initial = int.from_bytes(out[at : at + 2], "big")
+    out[at : at + 2] = b"\0\0"
+    csum = internet_checksum(memoryview(out)[start:], initial)
+    if csum == 0 and len(out) > 9 and _l4_proto(out) == PROTO_UDP:
+        csum = 0xFFFF
+    out[at : at + 2] = csum.to_bytes(2, "big")
+    return bytes(out)
+
+
+def _l4_proto(packet: bytes | bytearray) -> int:
+    version = packet[0] >> 4
+    if version == 4:
+        return packet[9]
+    return packet[6] if len(packet) > 6 else -1
+
+
+# ----- segmentation (read path: TUN -> records) ----------------------------------------------
+
+
+def _gso_layout(vnet: VnetHeader, packet: bytes) -> tuple[int, int, int, int]:
+    """Return ``(version, ip header length, l4 header length, protocol)`` for a GSO packet."""
+    kind = vnet.gso_type & ~GSO_ECN
+    version = packet[0] >> 4 if packet else 0
+    start = vnet.csum_start
+    if (kind == GSO_TCPV4 and version != 4) or (kind == GSO_TCPV6 and version != 6):
+        raise DataPlaneError(f"GSO type {kind} does not match IP version {version}")
+    if version == 4:
+        if start != (packet[0] & 0x0F) * 4 or packet[6] & 0x3F or packet[7]:
+            raise DataPlaneError("IPv4 GSO packet with csum_start != header length or fragmented")
+    elif version != 6 or start < 40:
+        raise DataPlaneError("GSO packet is not IPv4/IPv6 or csum_start is inside the IP header")
+    proto = PROTO_UDP if kind == GSO_UDP_L4 else PROTO_TCP
+    if len(packet) < start + (20 if proto == PROTO_TCP else 8):
+        raise DataPlaneError("GSO packet shorter than its headers")
+    if proto == PROTO_TCP:
+        l4_hlen = (packet[start + 12] >> 4) * 4
+        if l4_hlen < 20 or len(packet) < start + l4_hlen:
+            raise DataPlaneError("bad TCP header length in GSO packet")
+        return version, start, l4_hlen, proto
+    return version, start, 8, proto
+
+
+def split_tso(vnet: VnetHeader, packet: bytes, mss: int | None = None) -> list[bytes]:
+    """Split a TUN read into real IP packets with complete checksums.
+
+    A ``GSO_TCPV4``/``GSO_TCPV6``/``GSO_UDP_L4`` super-packet becomes segments of ``gso_size``
+    payload bytes (or ``mss`` when given and smaller): IP total/payload length, IPv4 ID
+    (+1 per segment) and header checksum, TCP sequence numbers, flags (FIN/PSH only on the last,
+    CWR only on the first) or UDP length, and the full TCP/UDP checksum are rewritten, as the
+    kernel's ``tcp_gso_segment``/``__udp_gso_segment`` would. A ``GSO_NONE`` packet is returned
+    alone, its checksum completed if ``VNET_F_NEEDS_CSUM`` is set. ``hdr_len`` is not trusted.
+
+    Args:
+        vnet: the header read with the packet.
+        packet: the IP packet (up to 65535 bytes).
+        mss: optional upper bound on payload bytes per segment.
+
+    Returns:
+        The packets, in order; each at most ``ip+l4 headers + segment`` bytes.
+
+    Raises:
+        DataPlaneError: unsupported ``gso_type`` (UFO), inconsistent or truncated headers,
+            ``gso_size`` of zero.
+    """
+    kind = vnet.gso_type & ~GSO_ECN
+    if kind == GSO_NONE:
+        return [finish_checksum(vnet, packet)]
+    if kind not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
+        raise DataPlaneError(f"unsupported GSO type {vnet.gso_type}")
+    seg_size = vnet.gso_size if mss is None else min(mss, vnet.gso_size or mss)
+    if seg_size <= 0:
+        raise DataPlaneError("GSO packet with gso_size 0")
+    version, ip_hlen, l4_hlen, proto = _gso_layout(vnet, packet)
+    hlen = ip_hlen + l4_hlen
+    if len(packet) <= hlen + seg_size:
+        return [recompute_checksums(packet)]
+    return _segment(packet, version, ip_hlen, l4_hlen, proto, seg_size)
+
+
+def _segment(packet: bytes, version: int, ip_hlen: int, l4_hlen: int, proto: int, seg: int) -> list[bytes]:
+    hlen = ip_hlen + l4_hlen
+    view = memoryview(packet)
+    ip = bytearray(packet[:ip_hlen])
+    l4 = bytearray(packet[ip_hlen:hlen])
+    addr_sum = sum16(view[12:20] if version == 4 else view[8:40])
+    tcp = proto == PROTO_TCP
+    csum_at = TCP_CSUM_OFFSET if tcp else UDP_CSUM_OFFSET
+    l4[csum_at : csum_at + 2] = b"\0\0"
+    seq0 = int.from_bytes(l4[4:8], "big") if tcp else 0
+    flags0 = l4[13] if tcp else 0
+    ip_id0 = int.from_bytes(ip[4:6], "big") if version == 4 else 0
+    out: list[bytes] = []
+    total = len(packet)
+    starts = range(hlen, total, seg)
+    last_index = len(starts) - 1
+    for i, off in enumerate(starts):
+        data = view[off : off + seg]
+        n = len(data)
+        _set_ip_length(ip, version, ip_hlen, hlen + n)
+        if version == 4:
+            ip[4:6] = ((ip_id0 + i) & 0xFFFF).to_bytes(2, "big")
+            _ipv4_header_checksum(ip)
+        if tcp:
+            l4[4:8] = ((seq0 + i * seg) & 0xFFFFFFFF).to_bytes(4, "big")
+            flags = flags0 if i == last_index else flags0 & ~(TCP_FIN | TCP_PSH)
+            l4[13] = flags if i == 0 else flags & ~TCP_CWR
+        else:
+            l4[4:6] = (l4_hlen + n).to_bytes(2, "big")
+        l4[csum_at : csum_at + 2] = b"\0\0"
+        csum = ~fold(addr_sum + proto + l4_hlen + n + sum16(l4) + sum16(data)) & 0xFFFF
+        if not tcp and csum == 0:
+            csum = 0xFFFF
+        l4[csum_at : csum_at + 2] = csum.to_bytes(2, "big")
+        out.append(b"".join((ip, l4, data)))
+    return out
+
+
+# ----- coalescing (write path: records -> TUN) -----------------------------------------------
+
+
+@dataclass
+class _Run:
+    """An open coalescing group: consecutive in-order segments of one TCP flow."""
+
+    first: bytes
+    ip_hlen: int
+    tcp_hlen: int
+    gso_size: int
+    next_seq: int
+    match: bytes
+    payloads: list[bytes | memoryview] = field(default_factory=list)
+    size: int = 0
+    psh: bool = False
+    short: bool = False
+
+
+def _candidate(packet: bytes, verify: bool) -> tuple[bytes, bytes, int, int, int, int, bool] | None:
+    """Return ``(flow, match, ip_hlen, tcp_hlen, seq, payload_len, psh)`` of a coalescable segment."""
+    n = len(packet)
+    if n < 40:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        if packet[0] != 0x45 or packet[9] != PROTO_TCP or int.from_bytes(packet[2:4], "big") != n:
+            return None
+        if packet[6] & 0x3F or packet[7]:
+            return None
+        ip_hlen = 20
+        flow = packet[12:24]
+        ip_match = packet[1:2] + bytes((packet[6] & 0xE0,)) + packet[8:9]
+    elif version == 6:
+        if n < 60 or packet[6] != PROTO_TCP or int.from_bytes(packet[4:6], "big") != n - 40:
+            return None
+        ip_hlen = 40
+        flow = packet[8:44]
+        ip_match = packet[0:4] + packet[7:8]
+    else:
+        return None
+    tcp_hlen = (packet[ip_hlen + 12] >> 4) * 4
+    flags = packet[ip_hlen + 13]
+    payload = n - ip_hlen - tcp_hlen
+    if tcp_hlen < 20 or payload < 1 or flags not in (TCP_ACK, TCP_ACK | TCP_PSH):
+        return None
+    if verify and not transport_checksum_ok(packet):
+        return None
+    # ack number, data offset, window and options must all be equal (kernel tcp_gro_receive).
+    match = ip_match + packet[ip_hlen + 8 : ip_hlen + 13] + packet[ip_hlen + 14 : ip_hlen + 16]
+    match += packet[ip_hlen + 20 : ip_hlen + tcp_hlen]
+    seq = int.from_bytes(packet[ip_hlen + 4 : ip_hlen + 8], "big")
+    return flow, match, ip_hlen, tcp_hlen, seq, payload, bool(flags & TCP_PSH)
+
+
+def _can_append(run: _Run, match: bytes, seq: int, payload: int, max_size: int) -> bool:
+    return (
+        not run.psh
+        and not run.short
+        and match == run.match
+        and seq == run.next_seq
+        and payload <= run.gso_size
+        and run.ip_hlen + run.tcp_hlen + run.size + payload <= max_size
+    )
+
+
+def coalesce_tcp(
+    packets: Sequence[bytes], *, max_size: int = MAX_IP_PACKET, verify: bool = True
+) -> list[tuple[bytes, bytes]]:
+    """Merge in-order TCP segments of the same flow into GSO super-packets for one TUN write each.
+
+    A segment joins the open group of its flow (same addresses and ports) when: it carries data,
+    its flags are ACK or ACK|PSH, the group has no PSH yet and no short segment, the sequence
+    number follows on, ACK number, window, TCP options, TOS/traffic class, TTL/hop limit and DF
+    are equal, its payload is at most the group's segment size, and the merged packet stays
+    within ``max_size``. Rules as the kernel's ``tcp_gro_receive``. Any other TCP packet of the
+    flow closes its group. Merged packets get a ``GSO_TCPV4``/``GSO_TCPV6`` header with
+    ``VNET_F_NEEDS_CSUM`` and the pseudo-header sum in the TCP checksum field; all other packets
+    are returned unchanged with a zero header. The order of flows and of packets within a flow is
+    kept (a group sits at the position of its first segment).
+
+    Args:
+        packets: whole IPv4/IPv6 packets (decrypted records), in arrival order.
+        max_size: largest merged IP packet, bytes (65535 at most).
+        verify: merge only segments whose TCP checksum verifies (as wireguard-go), so a corrupt
+            segment is never given a fresh checksum.
+
+    Returns:
+        ``[(vnet_header_bytes (10), packet), ...]`` ready for ``write(header + packet)``.
+    """
+    slots: list[tuple[bytes, bytes] | _Run] = []
+    open_runs: dict[bytes, _Run] = {}
+    for packet in packets:
+        info = _candidate(packet, verify)
+        if info is None:
+            if len(packet) >= 40 and _l4_proto(packet) == PROTO_TCP and open_runs:
+                open_runs.pop(_flow_of(packet), None)
+            slots.append((ZERO_VNET_BYTES, packet))
+            continue
+        flow, match, ip_hlen, tcp_hlen, seq, payload, psh = info
+        run = open_runs.get(flow)
+        if run is not None and _can_append(run, match, seq, payload, max_size):
+            run.payloads.append(memoryview(packet)[ip_hlen + tcp_hlen :])
+            run.size += payload
+            run.next_seq = (seq + payload) & 0xFFFFFFFF
+            run.psh = psh
+            run.short = payload < run.gso_size
+            continue
+        run = _Run(packet, ip_hlen, tcp_hlen, payload, (seq + payload) & 0xFFFFFFFF, match, psh=psh)
+        run.payloads.append(memoryview(packet)[ip_hlen + tcp_hlen :])
+        run.size = payload
+        open_runs[flow] = run
+        slots.append(run)
+    return [slot if isinstance(slot, tuple) else _emit(slot) for slot in slots]
+
+
+def _flow_of(packet: bytes) -> bytes:
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        return packet[12:20] + packet[ihl : ihl + 4]
+    return packet[8:44]
+
+
+def _emit(run: _Run) -> tuple[bytes, bytes]:
+    if len(run.payloads) == 1:
+        return ZERO_VNET_BYTES, run.first
+    first, ip_hlen, hlen = run.first, run.ip_hlen, run.ip_hlen + run.tcp_hlen
+    head = bytearray(first[:hlen])
+    version = head[0] >> 4
+    total = hlen + run.size
+    _set_ip_length(head, version, ip_hlen, total)
+    if version == 4:
+        _ipv4_header_checksum(head)
+        addr_sum = sum16(head[12:20])
+    else:
+        addr_sum = sum16(head[8:40])
+    if run.psh:
+        head[ip_hlen + 13] |= TCP_PSH
+    pseudo = fold(addr_sum + PROTO_TCP + total - ip_hlen)
+    head[ip_hlen + 16 : ip_hlen + 18] = pseudo.to_bytes(2, "big")
+    vnet = VnetHeader(
+        VNET_F_NEEDS_CSUM,
+        GSO_TCPV4 if version == 4 else GSO_TCPV6,
+        hlen,
+        run.gso_size,
+        ip_hlen,
+        TCP_CSUM_OFFSET,
+    )
+    return vnet.pack(), b"".join((head, *run.payloads))

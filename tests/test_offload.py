@@ -1,0 +1,244 @@
+"""TSO/USO segmentation and TCP coalescing (qgate.dataplane.offload) against scapy-built packets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet, raw
+
+from qgate.dataplane import offload as off
+from qgate.dataplane.offload import (
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    GSO_UDP_L4,
+    VNET_F_NEEDS_CSUM,
+    ZERO_VNET_BYTES,
+    VnetHeader,
+    coalesce_tcp,
+    finish_checksum,
+    parse_vnet_header,
+    split_tso,
+    transport_checksum_ok,
+)
+from qgate.errors import DataPlaneError
+
+SEQ0 = 4_294_967_000  # wraps during the split
+
+
+def _ip(version: int) -> Packet:
+    if version == 4:
+        return IP(src="10.1.0.2", dst="10.2.0.2", id=65530, flags="DF", tos=0x10, ttl=63)
+    return IPv6(src="fd00::2", dst="fd00:2::2", hlim=63, tc=0x10)
+
+
+def kernel_super_packet(
+    version: int, payload: bytes, mss: int, flags: str = "PA", udp: bool = False
+) -> tuple[VnetHeader, bytes]:
+    """A super-packet as the TUN hands it over: whole payload, only the pseudo-header sum in the checksum."""
+    if udp:
+        l4: Packet = UDP(sport=5000, dport=6000)
+    else:
+        l4 = TCP(
+            sport=40000, dport=5201, seq=SEQ0, ack=77, flags=flags, window=1000, options=[("NOP", None)] * 12
+        )
+    packet = bytearray(raw(_ip(version) / l4 / payload))
+    ip_hlen = 20 if version == 4 else 40
+    addr = packet[12:20] if version == 4 else packet[8:40]
+    proto = 17 if udp else 6
+    at = ip_hlen + (6 if udp else 16)
+    packet[at : at + 2] = off.fold(off.sum16(addr) + proto + len(packet) - ip_hlen).to_bytes(2, "big")
+    l4_hlen = 8 if udp else (packet[ip_hlen + 12] >> 4) * 4
+    gso_type = GSO_UDP_L4 if udp else (GSO_TCPV4 if version == 4 else GSO_TCPV6)
+    header = VnetHeader(VNET_F_NEEDS_CSUM, gso_type, ip_hlen + l4_hlen, mss, ip_hlen, 6 if udp else 16)
+    return header, bytes(packet)
+
+
+def _parse(packet: bytes) -> Packet:
+    return IP(packet) if packet[0] >> 4 == 4 else IPv6(packet)
+
+
+def _scapy_checksums_match(packet: bytes) -> bool:
+    """Let scapy recompute every checksum and compare with what split_tso wrote."""
+    parsed = _parse(packet)
+    layer = parsed[TCP] if TCP in parsed else parsed[UDP]
+    wrote = layer.chksum
+    del layer.chksum
+    if IP in parsed:
+        ip_sum = parsed[IP].chksum
+        del parsed[IP].chksum
+        again = IP(raw(parsed))
+        return bool(ip_sum == again.chksum and wrote == (again[TCP] if TCP in again else again[UDP]).chksum)
+    again6 = IPv6(raw(parsed))
+    return bool(wrote == (again6[TCP] if TCP in again6 else again6[UDP]).chksum)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_split_tso_turns_64k_super_packet_into_valid_mss_segments(version: int) -> None:
+    payload = os.urandom(65000 - 100)
+    mss = 1388
+    header, packet = kernel_super_packet(version, payload, mss)
+    segments = split_tso(header, packet)
+    assert len(segments) == -(-len(payload) // mss)
+    data = b""
+    for i, seg in enumerate(segments):
+        parsed = _parse(seg)
+        tcp = parsed[TCP]
+        last = i == len(segments) - 1
+        assert _scapy_checksums_match(seg)
+        assert tcp.seq == (SEQ0 + i * mss) % 2**32
+        assert tcp.ack == 77 and tcp.window == 1000
+        assert str(tcp.flags) == ("PA" if last else "A")
+        assert len(bytes(tcp.payload)) == (mss if not last else len(payload) - i * mss)
+        if version == 4:
+            assert parsed[IP].len == len(seg) and parsed[IP].id == (65530 + i) % 65536
+        else:
+            assert parsed[IPv6].plen == len(seg) - 40
+        data += bytes(tcp.payload)
+    assert data == payload
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_split_segments_recoalesce_to_the_original_byte_stream(version: int) -> None:
+    payload = os.urandom(60000)
+    header, packet = kernel_super_packet(version, payload, 1400)
+    merged = coalesce_tcp(split_tso(header, packet))
+    assert len(merged) == 1
+    vnet_bytes, super_packet = merged[0]
+    vnet = parse_vnet_header(vnet_bytes)
+    ip_hlen = 20 if version == 4 else 40
+    assert vnet == VnetHeader(VNET_F_NEEDS_CSUM, header.gso_type, header.hdr_len, 1400, ip_hlen, 16)
+    assert super_packet[header.hdr_len :] == payload
+    assert str(_parse(super_packet)[TCP].flags) == "PA"
+    # completing the partial checksum gives a valid (unsegmented) packet, as the kernel would
+    assert transport_checksum_ok(finish_checksum(vnet, super_packet))
+
+
+def test_split_tso_clears_cwr_after_first_and_fin_before_last() -> None:
+    header, packet = kernel_super_packet(4, os.urandom(5000), 1000, flags="FPAC")
+    flags = [str(_parse(s)[TCP].flags) for s in split_tso(header, packet)]
+    assert flags == ["AC", "A", "A", "A", "FPA"]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_split_uso_udp_super_packet_gives_datagrams_with_valid_lengths_and_checksums(version: int) -> None:
+    payload = os.urandom(10000)
+    header, packet = kernel_super_packet(version, payload, 1200, udp=True)
+    segments = split_tso(header, packet)
+    assert len(segments) == 9
+    assert b"".join(bytes(_parse(s)[UDP].payload) for s in segments) == payload
+    for seg in segments:
+        assert _scapy_checksums_match(seg)
+        assert _parse(seg)[UDP].len == len(seg) - (20 if version == 4 else 40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=65535 - 40 - 60),
+    mss=st.integers(min_value=88, max_value=9000),
+    version=st.sampled_from([4, 6]),
+)
+def test_split_and_coalesce_round_trip_for_any_payload_size_and_mss(
+    size: int, mss: int, version: int
+) -> None:
+    payload = os.urandom(size)
+    header, packet = kernel_super_packet(version, payload, mss)
+    segments = split_tso(header, packet)
+    assert len(segments) == max(1, -(-size // mss))
+    assert all(transport_checksum_ok(s) for s in segments)
+    hlen = header.hdr_len
+    assert b"".join(s[hlen:] for s in segments) == payload
+    merged = coalesce_tcp(segments)
+    assert len(merged) == 1 and merged[0][1][hlen:] == payload
+    if len(segments) == 1:
+        assert merged[0] == (ZERO_VNET_BYTES, segments[0])
+
+
+@given(data=st.binary(max_size=300))
+def test_sum16_equals_the_rfc1071_word_loop(data: bytes) -> None:
+    padded = data + b"\0" * (len(data) & 1)
+    total = sum(int.from_bytes(padded[i : i + 2], "big") for i in range(0, len(padded), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert off.sum16(data) % 0xFFFF == total % 0xFFFF
+    assert (off.sum16(data) == 0) == (total == 0)
+
+
+def test_finish_checksum_completes_a_single_partial_checksum_packet() -> None:
+    header, packet = kernel_super_packet(4, b"hello world", 1400)
+    single = header._replace(gso_type=off.GSO_NONE, gso_size=0)
+    assert not transport_checksum_ok(packet)
+    done = split_tso(single, packet)
+    assert len(done) == 1 and _scapy_checksums_match(done[0])
+
+
+def test_vnet_header_packs_little_endian_and_parses_back() -> None:
+    header = VnetHeader(1, GSO_TCPV4, 52, 1448, 20, 16)
+    assert header.pack() == bytes.fromhex("01013400a80514001000")
+    assert parse_vnet_header(header.pack() + b"rest") == header
+    with pytest.raises(DataPlaneError):
+        parse_vnet_header(b"\0" * 9)
+
+
+def test_split_tso_rejects_ufo_and_mismatched_ip_version() -> None:
+    header, packet = kernel_super_packet(4, os.urandom(3000), 1000)
+    with pytest.raises(DataPlaneError):
+        split_tso(header._replace(gso_type=GSO_UDP), packet)
+    with pytest.raises(DataPlaneError):
+        split_tso(header._replace(gso_type=GSO_TCPV6), packet)
+    with pytest.raises(DataPlaneError):
+        split_tso(header._replace(gso_size=0), packet)
+    with pytest.raises(DataPlaneError):
+        split_tso(header, packet[:30])
+
+
+def _segments(n: int, size: int = 1000, seq: int = 1, **tcp: object) -> list[bytes]:
+    base = {"sport": 1111, "dport": 2222, "ack": 5, "flags": "A", "window": 64}
+    base.update(tcp)
+    return [
+        raw(IP(src="10.1.0.2", dst="10.2.0.2") / TCP(seq=seq + i * size, **base) / (bytes([i]) * size))  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+
+
+def test_coalesce_leaves_non_tcp_and_other_flows_single_with_zero_header_in_order() -> None:
+    udp = raw(IP(src="10.1.0.2", dst="10.2.0.2") / UDP(sport=1, dport=2) / b"x")
+    flow_a = _segments(3)
+    flow_b = _segments(2, sport=3333)
+    out = coalesce_tcp([flow_a[0], udp, flow_b[0], flow_a[1], flow_b[1], flow_a[2]])
+    assert [parse_vnet_header(h).gso_type for h, _ in out] == [GSO_TCPV4, 0, GSO_TCPV4]
+    assert out[1] == (ZERO_VNET_BYTES, udp)
+    assert len(out[0][1]) == 40 + 3000 and len(out[2][1]) == 40 + 2000
+
+
+def test_coalesce_does_not_merge_across_a_sequence_gap_or_changed_ack() -> None:
+    gap = _segments(2) + _segments(1, seq=5001)
+    assert len(coalesce_tcp(gap)) == 2
+    acks = _segments(2) + _segments(1, seq=2001, ack=6)
+    assert len(coalesce_tcp(acks)) == 2
+
+
+def test_coalesce_ends_a_group_at_psh_and_after_a_short_segment() -> None:
+    psh = _segments(2, flags="PA") + _segments(1, seq=2001)
+    assert [len(p) for _, p in coalesce_tcp(psh)] == [1040, 1040, 1040]
+    short = [*_segments(2), *_segments(1, size=500, seq=2001), *_segments(1, seq=2501)]
+    assert [len(p) for _, p in coalesce_tcp(short)] == [40 + 2500, 1040]
+
+
+def test_coalesce_never_merges_a_segment_with_a_bad_checksum() -> None:
+    segs = _segments(3)
+    bad = bytearray(segs[1])
+    bad[-1] ^= 0xFF
+    out = coalesce_tcp([segs[0], bytes(bad), segs[2]])
+    assert (ZERO_VNET_BYTES, bytes(bad)) in out
+    assert all(len(p) == 1040 for _, p in out)
+
+
+def test_coalesce_caps_super_packets_at_64k() -> None:
+    out = coalesce_tcp(_segments(100, size=1400))
+    assert [len(p) for _, p in out] == [40 + 46 * 1400, 40 + 46 * 1400, 40 + 8 * 1400]
