@@ -136,3 +136,11 @@ def down(control_socket: Path | None) -> None:
     if not answer.get("ok"):
         fail(QgateError(str(answer.get("error"))))
     click.echo(f"gateway {answer.get('gateway')} is stopping", err=True)
+
+
+@click.command()
+def schema() -> None:
+    """Print the policy reference (every field, type, unit, default and range) as Markdown."""
+    from qgate.schema_doc import policy_reference
+
+    click.echo(policy_reference(), nl=False)
