@@ -494,3 +494,17 @@ def test_load_policy_accepts_a_utf8_bom(tmp_path: Path) -> None:
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
     assert load_policy(path).name == "site-a"
+
+
+@pytest.mark.parametrize("name", ["ministry", "substation", "site-a", "site-b"])
+def test_every_example_policy_loads(name: str) -> None:
+    policy = load_policy(Path(__file__).resolve().parent.parent / "policies" / f"{name}.yaml")
+    assert policy.peers
+
+
+def test_ministry_fails_closed_with_ml_kem_1024_and_substation_may_degrade_with_ml_kem_768() -> None:
+    root = Path(__file__).resolve().parent.parent / "policies"
+    ministry = load_policy(root / "ministry.yaml").peers[0]
+    substation = load_policy(root / "substation.yaml").peers[0]
+    assert (ministry.kem, ministry.fail_mode) == ("ml-kem-1024", "qkd_and_pqc")
+    assert (substation.kem, substation.fail_mode) == ("ml-kem-768", "pqc_only_if_qkd_down")
