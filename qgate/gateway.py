@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Final, cast
 
@@ -37,7 +37,7 @@ from qgate.keysupply import KeyStock, paced_interval
 from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import QkdKey, Status
 from qgate.netconfig import NetHandle, configure_tun
-from qgate.policy import GatewayPolicy, PeerPolicy
+from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
 from qgate.protocol.peer import (
     Action,
     FetchDecKeys,
@@ -47,6 +47,7 @@ from qgate.protocol.peer import (
     PeerEvent,
     SendDatagram,
 )
+from qgate.reload import plan_reload
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class Gateway:
             gc.freeze()  # long-lived start-up objects leave the GC's view: shorter pauses on the data path
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop.set)
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
             log.info(
                 "gateway %s up: listening on %s, %d peer(s)",
                 self.policy.name,
@@ -495,6 +497,56 @@ class Gateway:
             "master": master_rekeys,
             "peers": peers,
         }
+
+    def reload(self) -> list[str]:
+        """Re-read the policy file (SIGHUP); apply what can change live, log and return what could not."""
+        source = self.policy.source
+        if source is None:
+            return ["no policy file to reload"]
+        try:
+            new = load_policy(source)
+        except QgateError as exc:
+            log.error("reload of %s refused, the running policy stays: %s", source, exc)
+            self._audit_event("policy_reload", result="refused", reason=str(exc)[:200])
+            return [str(exc)]
+        plan = plan_reload(self.policy, new)
+        for link in self._peers:
+            fresh = plan.peers.get(link.policy.name)
+            if fresh is not None and fresh != link.policy:
+                self._apply_peer(link, fresh)
+        self.policy = replace(self.policy, peers=tuple(link.policy for link in self._peers))
+        for line in plan.applied:
+            log.info("reload: %s", line)
+        for line in plan.refused:
+            log.warning("reload: %s", line)
+        log.info(
+            "policy %s reloaded: %d change(s) applied, %d refused",
+            source,
+            len(plan.applied),
+            len(plan.refused),
+        )
+        self._audit_event(
+            "policy_reload",
+            result="applied",
+            applied="; ".join(plan.applied),
+            refused="; ".join(plan.refused),
+        )
+        return plan.refused
+
+    def _apply_peer(self, link: _PeerLink, fresh: PeerPolicy) -> None:
+        """Give a running peer its new rekey timing, fail mode and prefetch target (keys stay)."""
+        engine = link.engine
+        engine.config = replace(
+            engine.config,
+            interval=fresh.rekey.interval,
+            kem_interval=fresh.rekey.kem_interval,
+            max_key_age=fresh.rekey.max_key_age,
+            fail_mode=fresh.fail_mode,
+        )
+        engine.set_interval(fresh.rekey.interval)
+        engine.epochs.max_key_age = fresh.rekey.max_key_age
+        link.stock.target = fresh.qkd_prefetch if fresh.qkd_role == "master" else 0
+        link.policy = fresh
 
     def _on_control(self, request: dict[str, object]) -> dict[str, object]:
         """Answer a control-socket request (``status`` or ``down``)."""

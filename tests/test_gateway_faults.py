@@ -193,3 +193,27 @@ def test_status_shows_a_running_gateway_and_down_stops_it_cleanly() -> None:
         assert stopped.returncode == 0, stopped.stderr
         assert gw_a.proc.wait(timeout=10) == 0
         assert not Path(sock).exists()
+
+
+def test_sighup_applies_a_new_rekey_interval_without_losing_packets_and_reports_a_refused_change() -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        lab.start_kmes()
+        _gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: _ping(lab), timeout=25)
+        pinger = lab.start("pinger", "ha", ["ping", "-c", "100", "-i", "0.05", net.HOST_B], pipe_stdout=True)
+        policy = lab.run_dir / "site-a.yaml"
+        text = policy.read_text()
+        text = text.replace("interval: 1.0", "interval: 0.5").replace("mtu: 1420", "mtu: 1400")
+        policy.write_text(text)
+        time.sleep(1.0)
+        gw_a.proc.send_signal(signal.SIGHUP)
+        assert pinger.proc.wait(timeout=20) == 0
+        out = pinger.proc.stdout.read() if pinger.proc.stdout else ""
+        assert " 0% packet loss" in str(out)
+        log = _log(gw_a)
+        assert "rekey applied" in log and "gateway.tun changed (restart to apply)" in log
+        sock = str(lab.run_dir / "control-a.sock")
+        shown = subprocess.run([sys.executable, "-m", "qgate", "status", "--socket", sock, "--json"],
+                               capture_output=True, text=True)  # fmt: skip
+        assert json.loads(shown.stdout.splitlines()[-1])["peers"][0]["rekey_interval_s"] == 0.5
