@@ -356,7 +356,8 @@ class Gateway:
                 return
             call = lambda: self._kms.enc_keys(peer_sae, action.number, action.size_bits)  # noqa: E731
         else:
-            call = lambda: self._kms.dec_keys(peer_sae, action.key_ids)  # noqa: E731
+            size = link.policy.qkd_key_bits  # the KME's answer must have the size both sides expect
+            call = lambda: self._kms.dec_keys(peer_sae, action.key_ids, size_bits=size)  # noqa: E731
         future = self._loop.run_in_executor(None, call)
         future.add_done_callback(lambda f: self._fetched(link, action, f))
 

@@ -13,7 +13,7 @@ events to log. Data records go through ``seal`` / ``open``.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -59,6 +59,8 @@ class Signer(Protocol):
 
 FETCH_BACKOFF_MAX = 8.0
 """Seconds: the longest wait between failed ETSI 014 key requests."""
+DEAD_KEY_IDS = 64
+"""key_IDs whose dec_keys failed, remembered so the slave never asks for them again."""
 RESPONSE_CACHE = 4
 """Answers (M2/R2) kept to resend when the same request arrives again."""
 
@@ -211,6 +213,7 @@ class Peer:
         self.interval = config.interval
         self.last_problem = ""
         self._unknown_seen = 0
+        self._dead_key_ids: deque[str] = deque(maxlen=DEAD_KEY_IDS)
         self.last_handshake_at: float | None = None
         self._answered: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
 
@@ -268,13 +271,11 @@ class Peer:
                 pending.last_sent = now
             return
         current = self.epochs.current
-        if current is None:
-            if self._next_attempt_at is not None and now >= self._next_attempt_at:
+        if current is None or not self.epochs.usable(current, now):  # never ratchet from an expired key
+            if self._next_attempt_at is None or now >= self._next_attempt_at:  # backoff after failures
                 self._begin(now, "hs")
         elif self._next_kem_at is not None and now >= self._next_kem_at:
             self._begin(now, "hs")
-        elif not self.epochs.usable(current, now):
-            self._begin(now, "hs")  # never ratchet from a key past its hard lifetime
         elif (self._next_ratchet_at is not None and now >= self._next_ratchet_at) or (
             current.send_counter >= AEAD_PACKET_SOFT_LIMIT
         ):
@@ -306,21 +307,15 @@ class Peer:
         return deadline
 
     def _abandon(self, pending: _Pending, now: float, why: str) -> None:
+        """Drop a failed exchange; the next try is a full handshake after the backoff (any doubt)."""
         self.stats.handshake_failures += 1
         self._event("handshake_abandoned" if pending.kind == "hs" else "ratchet_abandoned", reason=why)
         self._pending = None
-        if pending.kind == "rk":
-            self._next_kem_at = now  # a ratchet that failed is replaced by a full handshake (any doubt)
         if self.config.may_degrade and not pending.degraded and why.startswith("qkd:"):
             self._begin_degraded(now, why)  # only this side's own KME failure, never a lost datagram
             return
-        delay = max(self._fetch_backoff, HANDSHAKE_RETRY / 2)
-        if pending.kind == "hs":
-            self._next_attempt_at = now + delay
-            if self._next_kem_at is not None:
-                self._next_kem_at = now + delay
-        else:
-            self._next_ratchet_at = now + delay
+        retry_at = now + max(self._fetch_backoff, HANDSHAKE_RETRY / 2)
+        self._next_attempt_at = self._next_ratchet_at = self._next_kem_at = retry_at
 
     def _begin_degraded(self, now: float, why: str) -> None:
         """Step HS-D: QKD keys are not to be had; handshake on ML-KEM and X25519 alone (policy allows it)."""
@@ -345,11 +340,19 @@ class Peer:
     def keys_failed(self, request_id: int, reason: str, now: float) -> None:
         """Report that an ETSI 014 request failed (reason: a short text, no secrets)."""
         self.stats.qkd_failures += 1
-        self._fetch_backoff = min(max(2 * self._fetch_backoff, 0.5), FETCH_BACKOFF_MAX)
-        self._event("qkd_request_failed", reason=reason, retry_in=self._fetch_backoff)
-        if self._inflight.pop(request_id, None) is not None:
-            self.send_kick(now, KICK_QKD_UNAVAILABLE)  # signed: the master may fall back (its policy)
+        # Backoff doubles from 0.5 s, capped at one rekey interval (so the tunnel is back within about
+        # two intervals of the KME recovering) and at FETCH_BACKOFF_MAX.
+        ceiling = min(FETCH_BACKOFF_MAX, max(self.interval, 0.5))
+        self._fetch_backoff = min(max(2 * self._fetch_backoff, 0.5), ceiling)
+        context = self._inflight.pop(request_id, None)
+        if context is not None:  # slave: those key_IDs are dead (maybe consumed); never ask for them again
+            self._event("qkd_request_failed", reason=reason)
+            msg = context[1]
+            if isinstance(msg, InitHello | RatchetRequest):
+                self._dead_key_ids.extend(msg.key_ids)
+            self.send_kick(now, KICK_QKD_UNAVAILABLE)  # signed: the master takes a fresh key (or degrades)
             return
+        self._event("qkd_request_failed", reason=reason, retry_in=self._fetch_backoff)
         pending = self._pending
         if pending is not None and pending.request_id == request_id:
             self._abandon(pending, now, "qkd: " + reason)
@@ -533,11 +536,16 @@ class Peer:
             raise RemoteProtocolError("Kick replayed (timestamp not newer)")
         self._last_peer_ts = kick.timestamp
         self._event("kick_received", reason_code=kick.reason)
+        pending = self._pending
         if kick.reason == KICK_QKD_UNAVAILABLE and self.config.may_degrade:
-            pending = self._pending
             if pending is None or not pending.degraded:
                 self._pending = None
                 self._begin_degraded(now, "the peer's KME could not deliver the QKD key")
+            return
+        if kick.reason == KICK_QKD_UNAVAILABLE and pending is not None and pending.key_ids:
+            self._pending = None  # its key_ID is dead at the slave: a fresh key, never the dead one again
+            self.stats.handshake_failures += 1
+            self._begin(now, pending.kind if self.epochs.current is not None else "hs")
             return
         self.start_handshake(now)
 
@@ -574,6 +582,8 @@ class Peer:
             self._last_peer_ts = m1.timestamp
             self._send_m2(m1, body, None, now)
             return
+        if self._dead(m1.key_ids, now):
+            return
         request_id = self._new_request()
         self._inflight[request_id] = ("hs", m1, body, None)
         self._actions.append(FetchDecKeys(request_id, m1.key_ids))
@@ -589,9 +599,18 @@ class Peer:
             raise AuthenticationError("R1 MAC failed")
         if base is self.epochs.next:
             self.epochs.promote_next(now)  # the master ratchets from it, so it has switched
+        if self._dead(r1.key_ids, now):
+            return
         request_id = self._new_request()
         self._inflight[request_id] = ("rk", r1, body, base)
         self._actions.append(FetchDecKeys(request_id, r1.key_ids))
+
+    def _dead(self, key_ids: tuple[str, ...], now: float) -> bool:
+        """Whether a request names a key_ID whose delivery already failed here; Kick for a fresh one."""
+        if any(key_id in self._dead_key_ids for key_id in key_ids):
+            self.send_kick(now, KICK_QKD_UNAVAILABLE)
+            return True
+        return False
 
     def _is_inflight(self, body: bytes) -> bool:
         return any(ctx[2] == body for ctx in self._inflight.values())
