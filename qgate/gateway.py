@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import importlib
 import json
 import logging
 import os
@@ -36,8 +37,10 @@ from qgate.keyfiles import load_identity, load_peer_public_key
 from qgate.keysupply import KeyStock, paced_interval
 from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import QkdKey, Status
+from qgate.metrics import MetricsServer, start_metrics_server, status_from_loop
 from qgate.netconfig import NetHandle, configure_tun
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
+from qgate.privileges import check_file_safety, drop_privileges
 from qgate.protocol.peer import (
     Action,
     FetchDecKeys,
@@ -66,6 +69,14 @@ AUDITED_EVENTS: Final = frozenset(
     }
 )
 """Protocol events that go to the audit log (with their key_IDs, never keys)."""
+LAZY_MODULES: Final = (
+    "concurrent.futures.thread",  # asyncio's default executor (KME calls)
+    "encodings.idna",  # ssl and http.client encode host names with it
+    "multiprocessing",  # pyroute2 (route removal at exit)
+    "email.parser",
+    "http.client",
+)
+"""Modules imported lazily at run time, imported before privileges are dropped."""
 TICK: Final = 0.02
 """Seconds between timer checks (rekey intervals go down to 0.1 s)."""
 LOG_BURST: Final = 5
@@ -130,6 +141,7 @@ class Gateway:
         stats_file: Path | None = None,
         audit_log: Path | None = None,
         control_socket: Path | None = None,
+        run_user: str | None = None,
     ) -> None:
         """Load keys and set up the engines; touches no network yet.
 
@@ -146,7 +158,16 @@ class Gateway:
         self._control: asyncio.AbstractServer | None = None
         self._started = time.monotonic()
         self._mtu = policy.tun.mtu
-        self._audit = AuditLog.open(audit_log, gateway=policy.name) if audit_log is not None else None
+        self._run_user = run_user
+        # No background fsync thread when privileges will be dropped (the drop needs a single thread):
+        # every audit record is then fsynced as it is written.
+        self._audit = (
+            AuditLog.open(audit_log, gateway=policy.name, fsync_interval=0.0 if run_user else 1.0)
+            if audit_log is not None
+            else None
+        )
+        self._metrics: MetricsServer | None = None
+        self._check_files()
         identity = load_identity(policy.identity)
         kme = policy.kme
         self._kms = Etsi014Client(kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout)
@@ -176,6 +197,15 @@ class Gateway:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def _check_files(self) -> None:
+        """Warn about key and certificate files others could read or replace (issue: safe permissions)."""
+        pol = self.policy
+        files = [(pol.identity, True), (pol.kme.key, True), (pol.kme.cert, False), (pol.kme.ca, False)]
+        files += [(p.public_key, False) for p in pol.peers]
+        for path, secret in files:
+            for warning in check_file_safety(path, secret=secret, run_user=self._run_user):
+                log.warning("%s", warning)
+
     def _index_taken(self, index: int) -> bool:
         """Whether a receiver index is in use by any peer (indexes route data to peers)."""
         return any(index in link.engine.epochs.by_index for link in self._peers)
@@ -193,6 +223,18 @@ class Gateway:
             self._open()
             opened = True
             self._control = await control.serve(self._control_path, self._on_control)
+            if self._run_user is not None:
+                for name in LAZY_MODULES:  # after the drop the interpreter's tree may be unreadable
+                    importlib.import_module(name)
+                result = drop_privileges(self._run_user)
+                log.info(
+                    "now running as %s with %s only", result.user, ", ".join(sorted(result.kept)) or "none"
+                )
+            if self.policy.metrics is not None:
+                endpoint = self.policy.metrics
+                status = status_from_loop(self._loop, lambda: self.status(time.monotonic()))
+                self._metrics = start_metrics_server(endpoint.host, endpoint.port, status)
+                log.info("Prometheus metrics on http://%s/metrics", endpoint)
             self._audit_event("gateway_start", listen=str(self.policy.listen), peers=len(self._peers))
             gc.collect()
             gc.freeze()  # long-lived start-up objects leave the GC's view: shorter pauses on the data path
@@ -207,6 +249,8 @@ class Gateway:
             )
             await self._timer_loop()
         finally:
+            if self._metrics is not None:
+                await asyncio.to_thread(self._metrics.stop)
             if self._control is not None:
                 self._control.close()
                 with contextlib.suppress(OSError):
@@ -624,11 +668,14 @@ def run_gateway(
     stats_file: Path | None = None,
     audit_log: Path | None = None,
     control_socket: Path | None = None,
+    run_user: str | None = None,
 ) -> None:
     """Run a gateway in the foreground until SIGINT/SIGTERM (``qgate up``).
 
     Raises:
         QgateError: set-up failed (keys, TUN, routes, socket); the message says what.
     """
-    gateway = Gateway(policy, stats_file=stats_file, audit_log=audit_log, control_socket=control_socket)
+    gateway = Gateway(
+        policy, stats_file=stats_file, audit_log=audit_log, control_socket=control_socket, run_user=run_user
+    )
     asyncio.run(gateway.run())

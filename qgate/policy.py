@@ -180,6 +180,7 @@ class GatewayPolicy:
         kme: the local KME.
         peers: one or more peers (v1 gateways run with exactly one or more; subnets must not overlap).
         source: the policy file this was read from.
+        metrics: address:port of the Prometheus exporter (``metrics.listen``); None (default) = off.
     """
 
     name: str
@@ -189,6 +190,7 @@ class GatewayPolicy:
     kme: KmePolicy
     peers: tuple[PeerPolicy, ...]
     source: Path | None = None
+    metrics: Endpoint | None = None
 
 
 # --- The schema: one table per section; the validator and the docs both read it ----------
@@ -340,7 +342,15 @@ TOP_KME: Final = Field(
     "kme", Section((KME_URL, KME_SAE_ID, KME_CA, KME_CERT, KME_KEY, KME_TIMEOUT)), "the local KME"
 )
 TOP_PEERS: Final = Field("peers", SectionList(_PEER_FIELDS), "peer gateways, one or more")
-_TOP: Final = Section((TOP_GATEWAY, TOP_KME, TOP_PEERS))
+METRICS_LISTEN: Final = Field(
+    "listen",
+    SocketAddress(9108, remote=False),
+    "address:port of the Prometheus exporter (no authentication: keep it on a management address)",
+)
+TOP_METRICS: Final = Field(
+    "metrics", Section((METRICS_LISTEN,)), "Prometheus metrics over HTTP", Default.DERIVED, "off"
+)
+_TOP: Final = Section((TOP_GATEWAY, TOP_KME, TOP_PEERS, TOP_METRICS))
 
 
 def describe_schema() -> list[FieldDoc]:
@@ -479,9 +489,17 @@ def _build_policy(root: yaml.Node, ctx: Context, source: Path | None) -> Gateway
             kme=kme,
             peers=tuple(peer for peer in peers if peer is not None),
             source=source,
+            metrics=_metrics(top.optional(TOP_METRICS)),
         )
     except Incomplete:
         return None
+
+
+def _metrics(values: Values | None) -> Endpoint | None:
+    if values is None:
+        return None
+    host, port = values.value(METRICS_LISTEN)
+    return Endpoint(str(host), port)
 
 
 def _tun(values: Values | None) -> TunPolicy:

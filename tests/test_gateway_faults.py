@@ -217,3 +217,44 @@ def test_sighup_applies_a_new_rekey_interval_without_losing_packets_and_reports_
         shown = subprocess.run([sys.executable, "-m", "qgate", "status", "--socket", sock, "--json"],
                                capture_output=True, text=True)  # fmt: skip
         assert json.loads(shown.stdout.splitlines()[-1])["peers"][0]["rekey_interval_s"] == 0.5
+
+
+def test_gateway_drops_to_a_system_user_keeping_only_cap_net_admin_and_still_forwards() -> None:
+    from qgate.privileges import read_capabilities
+
+    with Lab() as lab:
+        _prepare(lab)
+        lab.start_kmes()
+        lab.start("gateway-b", "gb", setup.gateway_argv(sys.executable, lab.run_dir, "b"))
+        argv = [sys.executable, "-m", "qgate", "up", str(lab.run_dir / "site-a.yaml"),
+                "--socket", str(lab.run_dir / "control-a.sock"), "--user", "nobody"]  # fmt: skip
+        gw_a = lab.start("gateway-a", "ga", argv)
+        assert _wait_for(lambda: _ping(lab), timeout=25), _log(gw_a)
+        assert _wait_for(lambda: "now running as nobody" in _log(gw_a), timeout=5), _log(gw_a)
+        time.sleep(2.5)  # rekeys after the drop use the KME client from a worker thread
+        assert _ping(lab, count=3)
+        pids = subprocess.run(
+            ["pgrep", "-f", "--", "site-a.yaml"], capture_output=True, text=True
+        ).stdout.split()
+        creds = [read_capabilities(int(pid)) for pid in pids]
+        daemon = next(c for c in creds if c["Uid"][1] != 0)
+        assert daemon["CapEff"] == {"CAP_NET_ADMIN"} and daemon["CapPrm"] == {"CAP_NET_ADMIN"}
+        assert daemon["CapBnd"] == {"CAP_NET_ADMIN"}
+        assert "Traceback" not in _log(gw_a)
+
+
+def test_prometheus_metrics_are_served_on_the_policy_address() -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        policy = lab.run_dir / "site-a.yaml"
+        policy.write_text(policy.read_text() + "\nmetrics:\n  listen: 127.0.0.1:9108\n")
+        lab.start_kmes()
+        _gw_b, gw_a = lab.start_gateways()
+        assert _wait_for(lambda: _ping(lab), timeout=25)
+        scrape = (
+            "import urllib.request\n"
+            "print(urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=5).read().decode())\n"
+        )
+        text = lab.run("ga", [sys.executable, "-c", scrape], timeout=15).stdout
+        assert 'qgate_peer_up{gateway="site-a",peer="site-b"} 1.0' in text, text[:2000]
+        assert "qgate_rekeys_total" in text and "qgate_drops_total" in text

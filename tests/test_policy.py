@@ -400,7 +400,7 @@ def test_subnets_of_different_families_never_overlap() -> None:
     [
         ("", None, "empty"),
         ("# only a comment\n", None, "empty"),
-        ("- gateway\n", 1, "expected a mapping with keys gateway, kme, peers; got a list"),
+        ("- gateway\n", 1, "expected a mapping with keys gateway, kme, peers, metrics; got a list"),
         ("just text\n", 1, "got a string"),
         ("---\n", 2, "got an empty value"),
         ("gateway:\n  name: [a\nkme: 1\n", 3, "YAML syntax error"),

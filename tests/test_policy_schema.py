@@ -19,9 +19,11 @@ def _contract_paths() -> set[str]:
     paths = {"gateway", "kme", "peers"}
     for prefix, cls in nested.values():
         for f in dataclasses.fields(cls):
-            if f.name in ("source", "kme", "peers", "tun") and cls is GatewayPolicy:
+            if f.name in ("source", "kme", "peers", "tun", "metrics") and cls is GatewayPolicy:
                 if f.name == "tun":
                     paths.add("gateway.tun")
+                if f.name == "metrics":  # a top-level section with one key: metrics.listen
+                    paths.update({"metrics", "metrics.listen"})
                 continue
             paths.add(prefix + f.name)
     return paths

@@ -29,12 +29,18 @@ from qgate.errors import QgateError
     type=click.Path(path_type=Path, dir_okay=False),
     help="Control socket for qgate status/down (default /run/qgate/<gateway name>.sock).",
 )
+@click.option(
+    "--user",
+    "run_user",
+    help="After opening the TUN and routes, drop to this system user keeping only CAP_NET_ADMIN.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def up(
     policy_file: Path,
     stats_file: Path | None,
     audit_log: Path | None,
     control_socket: Path | None,
+    run_user: str | None,
     log_level: str,
 ) -> None:
     """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
@@ -48,6 +54,7 @@ def up(
             stats_file=stats_file,
             audit_log=audit_log,
             control_socket=control_socket,
+            run_user=run_user,
         )
     except QgateError as exc:
         fail(exc)
