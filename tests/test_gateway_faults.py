@@ -249,7 +249,7 @@ def test_prometheus_metrics_are_served_on_the_policy_address() -> None:
         policy = lab.run_dir / "site-a.yaml"
         policy.write_text(policy.read_text() + "\nmetrics:\n  listen: 127.0.0.1:9108\n")
         lab.start_kmes()
-        _gw_b, gw_a = lab.start_gateways()
+        _gw_b, _gw_a = lab.start_gateways()
         assert _wait_for(lambda: _ping(lab), timeout=25)
         scrape = (
             "import urllib.request\n"
