@@ -52,8 +52,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 """Seconds after which an unfinished handshake is abandoned and restarted with fresh keys."""
 EPOCH_GRACE: Final = 2.0
 """Seconds a replaced epoch still opens reordered packets (make-before-break)."""
-KICK_INTERVAL: Final = 2.0
-"""Seconds between a slave's signed requests for a handshake while it has no session."""
+KICK_INTERVAL: Final = 1.0
+"""Seconds between a slave's signed Kicks at most (no session, a dead QKD key_ID, or the packet limit)."""
 
 # --- Key sizes -------------------------------------------------------------------------
 HASH_SIZE: Final = 48
