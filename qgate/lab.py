@@ -432,6 +432,7 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     before = {s: fresh_stats(lab.run_dir / f"stats-{s}.json") for s in ("a", "b")} if lab.tunnel else {}
     traffic = run_traffic(lab, lab.run_dir / "payload.bin", seconds=opts.seconds, pattern=pattern,
                           pings=opts.pings)  # fmt: skip
+    status = [gateway_status(lab, site) for site in ("a", "b")] if lab.tunnel else []
     final: dict[str, dict[str, object]] = {}
     for child in watch:
         site = child.name[-1]
@@ -452,7 +453,43 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     classify = _classifier() if lab.tunnel else None
     report = analyse_wan(lab.run_dir / "wan-a.pcap", endpoints=(net.GW_A_WAN, net.GW_B_WAN),
                          classify=classify, index=index)  # fmt: skip
-    return summarise(lab, traffic, report, before, final, waited=waited, dropped=_tcpdump_dropped(capture))
+    result = summarise(lab, traffic, report, before, final, waited=waited, dropped=_tcpdump_dropped(capture))
+    if lab.tunnel:
+        result["status"] = status
+        result["audit_verified"] = all(audit_verified(lab, site) for site in ("a", "b"))
+        checks = result.get("checks")
+        if isinstance(checks, dict):
+            checks["audit_verified"] = result["audit_verified"]
+            result["ok"] = all(checks.values())
+    return result
+
+
+def gateway_status(lab: Lab, site: str) -> dict[str, object]:
+    """Return ``qgate status --json`` of ``site``'s running gateway (an error object if it fails)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "qgate",
+        "status",
+        "--socket",
+        str(lab.run_dir / f"control-{site}.sock"),
+        "--json",
+    ]
+    done = lab.run(f"g{site}", argv, timeout=10)
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "error": done.stderr.strip()[-300:]}
+    return answer if isinstance(answer, dict) else {"ok": False, "error": "not a JSON object"}
+
+
+def audit_verified(lab: Lab, site: str) -> bool:
+    """Whether ``qgate audit verify`` passes on ``site``'s audit log (after the gateway stopped)."""
+    path = lab.run_dir / f"audit-{site}.jsonl"
+    if not path.exists():
+        return False
+    argv = [sys.executable, "-m", "qgate", "audit", "verify", str(path), "--json"]
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30).returncode == 0
 
 
 def _classifier() -> Callable[[bytes], str | None]:

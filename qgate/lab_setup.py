@@ -231,4 +231,5 @@ def gateway_argv(python: str, run_dir: Path, site: str) -> list[str]:
         python, "-m", "qgate", "up", str(run_dir / f"site-{site}.yaml"),
         "--stats-file", str(run_dir / f"stats-{site}.json"),
         "--socket", str(run_dir / f"control-{site}.sock"),
+        "--audit-log", str(run_dir / f"audit-{site}.jsonl"),
     ]  # fmt: skip

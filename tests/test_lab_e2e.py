@@ -152,3 +152,13 @@ def test_sigterm_during_run_tears_everything_down() -> None:
     assert _lab_namespaces(run_id) == []
     assert _processes_mentioning(f"qgate-lab-{run_id}") == []
     assert not Path(f"/tmp/qgate-lab-{run_id}").exists()
+
+
+def test_lab_reports_each_gateways_status_and_verified_audit_logs(
+    lab_run: tuple[subprocess.CompletedProcess[str], dict[str, object]],
+) -> None:
+    result = lab_run[1]
+    assert result["audit_verified"] is True
+    status = result["status"]
+    assert isinstance(status, list) and [s["gateway"] for s in status] == ["site-a", "site-b"]
+    assert all(s["peers"][0]["state"] in ("up", "rekeying") for s in status)
