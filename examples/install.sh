@@ -18,4 +18,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >&2
 .venv/bin/python -m pip install -q -e '.[test]' >&2
+# The unprivileged system user `qgate up --user qgate` drops to after setting up the TUN and routes.
+if ! id qgate >/dev/null 2>&1; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin qgate 2>/dev/null || true
+fi
 echo "qgate installed in $(pwd)/.venv: run it as .venv/bin/qgate" >&2

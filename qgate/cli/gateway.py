@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qgate.cli.common import LOG_LEVELS, fail, setup_logging
+from qgate.cli.common import LOG_FORMATS, LOG_LEVELS, fail, setup_logging
 from qgate.errors import QgateError
 
 
@@ -35,6 +35,7 @@ from qgate.errors import QgateError
     help="After opening the TUN and routes, drop to this system user keeping only CAP_NET_ADMIN.",
 )
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="human", show_default=True)
 def up(
     policy_file: Path,
     stats_file: Path | None,
@@ -42,12 +43,13 @@ def up(
     control_socket: Path | None,
     run_user: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
     from qgate.gateway import run_gateway
     from qgate.policy import load_policy
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         run_gateway(
             load_policy(policy_file),
