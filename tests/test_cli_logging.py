@@ -9,7 +9,8 @@ from qgate.cli.common import JsonLineFormatter
 
 
 def test_json_log_lines_carry_time_level_logger_and_message() -> None:
-    record = logging.LogRecord("qgate.gateway", logging.WARNING, __file__, 1, "peer %s down", ("site-b",), None)
+    args = ("site-b",)
+    record = logging.LogRecord("qgate.gateway", logging.WARNING, __file__, 1, "peer %s down", args, None)
     entry = json.loads(JsonLineFormatter().format(record))
     assert entry["level"] == "warning" and entry["logger"] == "qgate.gateway"
     assert entry["message"] == "peer site-b down" and entry["time"].endswith("Z")
