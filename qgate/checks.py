@@ -6,6 +6,7 @@ problems are reported at once (like the policy parser's own errors).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from qgate.errors import ConfigError, PolicyError
 from qgate.keyfiles import load_identity, load_peer_public_key
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
+from qgate.privileges import check_file_safety
 
 
 @dataclass
@@ -118,6 +120,20 @@ def _check_tls(policy: GatewayPolicy) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_permissions(policy: GatewayPolicy) -> list[tuple[str, str]]:
+    """Private keys no one else may read; pins and certificates no one else may replace."""
+    files = [("gateway.identity", policy.identity, True), ("kme.key", policy.kme.key, True)]
+    files += [("kme.cert", policy.kme.cert, False), ("kme.ca", policy.kme.ca, False)]
+    files += [(f"peers[{i}].public_key", p.public_key, False) for i, p in enumerate(policy.peers)]
+    user = os.geteuid() if os.geteuid() != 0 else None
+    return [
+        (where, warning)
+        for where, path, secret in files
+        if path.exists()
+        for warning in check_file_safety(path, secret=secret, run_user=user)
+    ]
+
+
 def check_policy_file(path: Path) -> CheckSummary:
     """Parse the policy at ``path`` and check the identity, pinned keys and TLS files it names.
 
@@ -155,6 +171,7 @@ def check_policy_file(path: Path) -> CheckSummary:
 
         attempt(f"peers[{i}].public_key", pinned)
     problems.extend(_check_tls(policy))
+    problems.extend(_check_permissions(policy))
     if problems:
         try:
             lines = field_lines(path.read_text(encoding="utf-8-sig"))

@@ -112,6 +112,7 @@ class _PeerLink:
     next_status_at: float = 0.0
     kme_ok: bool | None = None
     too_big: int = 0
+    prefetch_failing: bool = False
 
 
 def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
@@ -202,8 +203,9 @@ class Gateway:
         pol = self.policy
         files = [(pol.identity, True), (pol.kme.key, True), (pol.kme.cert, False), (pol.kme.ca, False)]
         files += [(p.public_key, False) for p in pol.peers]
+        user: str | int | None = self._run_user or (os.geteuid() if os.geteuid() != 0 else None)
         for path, secret in files:
-            for warning in check_file_safety(path, secret=secret, run_user=self._run_user):
+            for warning in check_file_safety(path, secret=secret, run_user=user):
                 log.warning("%s", warning)
 
     def _index_taken(self, index: int) -> bool:
@@ -463,12 +465,22 @@ class Gateway:
         stats.stock_low = low
 
     def _refilled(self, link: _PeerLink, future: asyncio.Future[list[QkdKey]]) -> None:
+        """Store prefetched keys; a failure (KME error or a bad answer) is logged once per streak."""
         exc = future.exception()
+        stats = link.stock.stats
         if exc is None:
+            if link.prefetch_failing:
+                log.info("prefetch from the KME for peer %s works again", link.policy.name)
+            link.prefetch_failing = False
             link.stock.refill_done(future.result())
-        else:
-            link.stock.refill_failed(time.monotonic())
-            log.log(logging.DEBUG, "prefetch for peer %s failed: %s", link.policy.name, exc)
+            return
+        link.stock.refill_failed(time.monotonic())
+        stats.last_error = str(exc)[:200]
+        if not link.prefetch_failing:
+            log.warning(
+                "prefetch from the KME for peer %s failed: %s (retrying with backoff)", link.policy.name, exc
+            )
+        link.prefetch_failing = True
 
     def _polled(self, link: _PeerLink, future: asyncio.Future[Status]) -> None:
         """Publish the KME's stock; log when the KME becomes unreachable or comes back (once each)."""
@@ -484,6 +496,11 @@ class Gateway:
     def _log_event(self, event: PeerEvent) -> None:
         """Log a protocol event; warnings are limited to LOG_BURST per kind per second (counted anyway)."""
         detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
+        if event.kind == "mode_change" and event.detail.get("new") == "closed":
+            log.warning(
+                "%s %s: traffic stopped (fail_mode qkd_and_pqc) until fresh keys arrive", event.kind, detail
+            )
+            return
         if event.kind == "mode_change" and event.detail.get("new") == "degraded":
             log.warning(
                 "%s %s: running on ML-KEM/X25519 only (policy fail_mode pqc_only_if_qkd_down)",
@@ -631,6 +648,8 @@ class Gateway:
             "rekey_interval_s": engine.interval,
             "qkd_kme_stock": link.stock.stats.kme_stored_key_count,
             "qkd_prefetch_stock": len(link.stock),
+            "qkd_prefetch_failures": link.stock.stats.refill_failures,
+            "kme_reachable": link.kme_ok,
             "rekeys": engine.stats.rekeys_qkd + engine.stats.rekeys_kem,
             "rekeys_qkd": engine.stats.rekeys_qkd,
             "rekeys_kem": engine.stats.rekeys_kem,

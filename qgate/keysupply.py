@@ -26,6 +26,7 @@ class SupplyStats:
     kme_stored_key_count: int | None = None
     stock_alarms: int = 0
     stock_low: bool = False
+    last_error: str = ""
 
 
 class KeyStock:

@@ -1,7 +1,7 @@
 """Policy reload (SIGHUP): what a new policy may change in a running gateway, and what needs a restart.
 
 Pure comparison of two policies; the gateway applies the ``applicable`` part without dropping the
-tunnel (rekey timing, fail mode, QKD prefetch, KME timeout) and reports the rest.
+tunnel (rekey timing, fail mode, QKD prefetch) and reports the rest.
 """
 
 from __future__ import annotations

@@ -59,3 +59,9 @@ def test_pinning_the_gateways_own_key_as_the_peer_key_is_reported(site: Path) ->
     problems = _problems(site)
     assert [path for _, path, _ in problems] == ["peers[0].public_key"]
     assert "own identity key" in problems[0][2]
+
+
+def test_private_keys_readable_by_others_are_reported(site: Path) -> None:
+    (site.parent / "pki" / "SAE_A.key").chmod(0o644)
+    problems = _problems(site)
+    assert [path for _, path, _ in problems] == ["kme.key"]

@@ -58,10 +58,12 @@ def test_qkd_and_pqc_stops_traffic_within_max_key_age_and_resumes_by_itself() ->
     pair.run(3.5)
     assert pair.send_both_ways(b"stopped") == (None, None)
     assert pair.master.stats.degraded_handshakes == 0
+    assert pair.master.mode == "closed" and "closed" in _modes(pair.events)  # audited
     pair.kme.down = False
     pair.run(10.0)
     assert pair.send_both_ways(b"back") == (b"back", b"back")
     assert "degraded" not in _modes(pair.events)
+    assert pair.master.mode == pair.slave.mode == "hybrid"  # closed -> hybrid is audited too
 
 
 def test_a_fail_closed_slave_refuses_a_degraded_handshake_from_a_degradable_master() -> None:
@@ -71,7 +73,8 @@ def test_a_fail_closed_slave_refuses_a_degraded_handshake_from_a_degradable_mast
     pair.kme.down = True
     pair.run(4.0)
     assert pair.slave.stats.auth_failures >= 1
-    assert pair.master.mode == "hybrid"  # never installed a degraded epoch
+    assert pair.master.mode == "closed"  # never installed a degraded epoch: traffic stopped instead
+    assert "degraded" not in _modes(pair.events)
     assert pair.send_both_ways(b"no") == (None, None)
 
 

@@ -209,7 +209,7 @@ class Peer:
         self._next_kick_at = now
         self._last_peer_ts = 0
         self._inflight: dict[int, tuple[str, Message, bytes, Epoch | None]] = {}
-        self.mode: Literal["hybrid", "degraded"] | None = None
+        self.mode: Literal["hybrid", "degraded", "closed"] | None = None
         self.interval = config.interval
         self.last_problem = ""
         self._unknown_seen = 0
@@ -259,6 +259,7 @@ class Peer:
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: retransmits, timeouts, rekeys, kicks, epoch expiry."""
         self.epochs.expire(now)
+        self._note_closed(now)
         if self.config.role == "slave":
             self._slave_timer(now)
             return
@@ -716,11 +717,25 @@ class Peer:
             self._event("ratchet_complete", epoch=epoch.number, key_ids=",".join(epoch.key_ids))
 
     # ----- shared helpers ------------------------------------------------------------
+    def _note_closed(self, now: float) -> None:
+        """Report (an audit event) that traffic stopped: the key passed max_key_age with no successor."""
+        current = self.epochs.current
+        if current is None or self.mode in (None, "closed") or self.epochs.usable(current, now):
+            return
+        if self.epochs.next is not None and self.epochs.usable(self.epochs.next, now):
+            return  # a successor waits: the slave switches on its next seal
+        key_ids = ",".join(current.key_ids) or "-"
+        why = "key past max_key_age, no fresh key"
+        self._event(
+            "mode_change", old=self.mode, new="closed", epoch=current.number, key_ids=key_ids, reason=why
+        )
+        self.mode = "closed"
+
     def _note_mode(self, epoch: Epoch) -> None:
         """Record and report (an audit event) a change between hybrid and degraded protection."""
         if epoch.kind == "handshake":
             self.last_handshake_at = epoch.created_at
-        mode: Literal["hybrid", "degraded"] = "degraded" if epoch.degraded else "hybrid"
+        mode: Literal["hybrid", "degraded", "closed"] = "degraded" if epoch.degraded else "hybrid"
         if mode != self.mode:
             if self.mode is not None:
                 self.stats.mode_changes += 1
