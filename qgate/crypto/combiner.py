@@ -132,9 +132,7 @@ def hkdf(hash_name: str, ikm: SecretLike, *, salt: bytes, info: bytes, length: i
     Raises:
         CryptoError: unsupported hash or length out of range.
     """
-    algorithm = _hash(hash_name)
-    if not 0 < length <= 255 * algorithm.digest_size:
-        raise CryptoError(f"HKDF-{hash_name} output length {length} out of range")
+    algorithm = _hkdf_hash(hash_name, length)
     return HKDF(algorithm, length, salt, info).derive(_raw(ikm))
 
 
@@ -150,10 +148,15 @@ def hkdf_expand(hash_name: str, prk: SecretLike, *, info: bytes, length: int) ->
     Raises:
         CryptoError: unsupported hash or length out of range.
     """
+    return HKDFExpand(_hkdf_hash(hash_name, length), length, info).derive(_raw(prk))
+
+
+def _hkdf_hash(hash_name: str, length: int) -> hashes.HashAlgorithm:
+    """The hash for HKDF, after checking the output length (1 .. 255 x HashLen, RFC 5869 section 2.3)."""
     algorithm = _hash(hash_name)
     if not 0 < length <= 255 * algorithm.digest_size:
-        raise CryptoError(f"HKDF-Expand-{hash_name} output length {length} out of range")
-    return HKDFExpand(algorithm, length, info).derive(_raw(prk))
+        raise CryptoError(f"HKDF-{hash_name} output length {length} out of range")
+    return algorithm
 
 
 def one_step_kdf_hmac(hash_name: str, secret: SecretLike, *, salt: bytes, info: bytes, length: int) -> bytes:
