@@ -258,3 +258,25 @@ def test_prometheus_metrics_are_served_on_the_policy_address() -> None:
         text = lab.run("ga", [sys.executable, "-c", scrape], timeout=15).stdout
         assert 'qgate_peer_up{gateway="site-a",peer="site-b"} 1.0' in text, text[:2000]
         assert "qgate_rekeys_total" in text and "qgate_drops_total" in text
+
+
+def test_the_inner_dscp_is_copied_to_the_outer_header_on_the_wan() -> None:
+    with Lab() as lab:
+        _prepare(lab)
+        lab.start_kmes()
+        lab.start_gateways()
+        assert _wait_for(lambda: _ping(lab), timeout=25)
+        ns = lab.topo.ns("ga")
+        # outer UDP datagrams from gateway A with DSCP EF (46): TOS byte 0xb8 in the IPv4 header
+        capture = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "tcpdump", "-i", lab.topo.wan_a, "-n", "-c", "5", "-l",
+             "udp and src host 10.99.0.1 and ip[1] & 0xfc == 0xb8"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            lab.run("ha", ["ping", "-c", "5", "-i", "0.2", "-Q", "0xb8", net.HOST_B], timeout=10)
+            out, _ = capture.communicate(timeout=10)
+        finally:
+            capture.kill()
+        assert len(out.strip().splitlines()) == 5

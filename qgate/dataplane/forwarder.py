@@ -32,6 +32,18 @@ UDP_CALLS_PER_WAKE: Final = 8
 """recvmsg calls per wake-up at most (each up to 64 GRO'd datagrams)."""
 
 
+def dscp_of(packet: bytes) -> int:
+    """Return the inner packet's DSCP as a TOS byte (ECN bits cleared; RFC 2474, RFC 3168), 0 if none."""
+    if len(packet) < 2:
+        return 0
+    version = packet[0] >> 4
+    if version == 4:
+        return packet[1] & 0xFC
+    if version == 6:
+        return (((packet[0] & 0x0F) << 4) | (packet[1] >> 4)) & 0xFC
+    return 0
+
+
 class Link(Protocol):
     """What the forwarder needs of a peer: its engine, UDP address and a too-big counter."""
 
@@ -93,7 +105,7 @@ class Forwarder:
     # ----- outbound ------------------------------------------------------------------
     def on_tun_readable(self, now: float) -> None:
         """Read, split, seal and send what the TUN holds (bounded per call)."""
-        out: dict[int, tuple[Link, list[bytes]]] = {}
+        out: dict[tuple[int, int], tuple[Link, int, list[bytes]]] = {}
         idle: list[Link] = []
         for _ in range(TUN_READS_PER_WAKE):
             got = self.tun.read()
@@ -106,15 +118,19 @@ class Forwarder:
                 continue
             for packet in packets:
                 self._seal_one(packet, now, out, idle)
-        for link, datagrams in out.values():
-            self.stats.drops_send_error += self.udp.send_batch(datagrams, link.address)
+        for link, tos, datagrams in out.values():
+            self.stats.drops_send_error += self.udp.send_batch(datagrams, link.address, tos)
         for link in idle:
             if not link.engine.established:
                 link.engine.handle_timer(now)  # no session yet: start or hurry the handshake
             self.after_peer(link, now)
 
     def _seal_one(
-        self, packet: bytes, now: float, out: dict[int, tuple[Link, list[bytes]]], idle: list[Link]
+        self,
+        packet: bytes,
+        now: float,
+        out: dict[tuple[int, int], tuple[Link, int, list[bytes]]],
+        idle: list[Link],
     ) -> None:
         link = self.routes.for_destination(packet)
         if link is None:
@@ -128,7 +144,8 @@ class Forwarder:
             if link not in idle:
                 idle.append(link)
             return
-        out.setdefault(id(link), (link, []))[1].append(datagram)
+        tos = dscp_of(packet)  # the inner packet's class goes to the outer header (grid priority traffic)
+        out.setdefault((id(link), tos), (link, tos, []))[2].append(datagram)
 
     # ----- inbound -------------------------------------------------------------------
     def on_udp_readable(self, now: float) -> None:

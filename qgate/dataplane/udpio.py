@@ -39,6 +39,8 @@ _REFUSED: Final = frozenset({errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP})
 EINVAL_LIMIT: Final = 8
 """Consecutive EINVAL answers (also given for a segment larger than the path MTU) before GSO is off."""
 _CMSG_SPACE: Final = socket.CMSG_SPACE(4)
+_INT: Final = struct.Struct("=i")
+"""A C int in host order: the IP_TOS / IPV6_TCLASS ancillary value."""
 _U16: Final = struct.Struct("=H")
 _I32: Final = struct.Struct("=i")
 
@@ -97,12 +99,13 @@ class UdpBatchIO:
             except OSError as exc:
                 log.info("UDP GRO not available (%s); receiving one datagram per call", exc.strerror)
 
-    def send_batch(self, datagrams: Sequence[bytes], address: Address) -> int:
+    def send_batch(self, datagrams: Sequence[bytes], address: Address, tos: int = 0) -> int:
         """Send ``datagrams`` to ``address`` in order, as few ``sendmsg`` calls as GSO allows.
 
         Args:
             datagrams: UDP payloads (each at most the path MTU minus headers, bytes).
             address: destination ``(host, port)`` (or the IPv6 4-tuple).
+            tos: outer IPv4 TOS / IPv6 traffic class byte (DSCP << 2) for all of them; 0 = default.
 
         Returns:
             How many datagrams were not sent (EAGAIN on a full buffer, unreachable, ...);
@@ -110,18 +113,19 @@ class UdpBatchIO:
         """
         failed = 0
         sock = self.sock
+        marks = self._tos_cmsg(tos)
         for start, stop in group_equal_runs(datagrams):
             if stop - start == 1 or not self.gso:
-                failed += self._send_plain(datagrams[start:stop], address)
+                failed += self._send_plain(datagrams[start:stop], address, marks)
                 continue
-            cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(len(datagrams[start])))]
+            cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(len(datagrams[start]))), *marks]
             try:
                 sock.sendmsg([b"".join(datagrams[start:stop])], cmsg, 0, address)
                 self._einval = 0
             except OSError as exc:
                 if exc.errno in _REFUSED or exc.errno == errno.EINVAL:
                     self._refused(exc)
-                    failed += self._send_plain(datagrams[start:stop], address)
+                    failed += self._send_plain(datagrams[start:stop], address, marks)
                 else:
                     log.debug("UDP GSO send failed: %s", exc)
                     failed += stop - start
@@ -135,11 +139,24 @@ class UdpBatchIO:
         self.gso = False
         log.warning("UDP GSO refused by the kernel (%s); sending one datagram per call", exc.strerror)
 
-    def _send_plain(self, datagrams: Sequence[bytes], address: Address) -> int:
+    def _tos_cmsg(self, tos: int) -> list[tuple[int, int, bytes]]:
+        """The ancillary data that sets the outer DSCP (RFC 2474) of one sendmsg, or none."""
+        if not tos:
+            return []
+        if self.sock.family == socket.AF_INET6:
+            return [(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT.pack(tos))]
+        return [(socket.IPPROTO_IP, socket.IP_TOS, _INT.pack(tos))]
+
+    def _send_plain(
+        self, datagrams: Sequence[bytes], address: Address, marks: list[tuple[int, int, bytes]]
+    ) -> int:
         failed = 0
         for datagram in datagrams:
             try:
-                self.sock.sendto(datagram, address)
+                if marks:
+                    self.sock.sendmsg([datagram], marks, 0, address)
+                else:
+                    self.sock.sendto(datagram, address)
             except OSError as exc:
                 log.debug("UDP send failed: %s", exc)
                 failed += 1
