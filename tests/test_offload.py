@@ -63,6 +63,13 @@ def _parse(packet: bytes) -> Packet:
     return IP(packet) if packet[0] >> 4 == 4 else IPv6(packet)
 
 
+def _ipv4_header_ok(packet: bytes) -> bool:
+    """The IPv4 header checksum verifies over the header alone (True for IPv6, which has none)."""
+    if packet[0] >> 4 != 4:
+        return True
+    return off.internet_checksum(packet[: (packet[0] & 0x0F) * 4]) == 0
+
+
 def _scapy_checksums_match(packet: bytes) -> bool:
     """Let scapy recompute every checksum and compare with what split_tso wrote."""
     parsed = _parse(packet)
@@ -115,6 +122,7 @@ def test_split_segments_recoalesce_to_the_original_byte_stream(version: int) -> 
     assert vnet == VnetHeader(VNET_F_NEEDS_CSUM, header.gso_type, header.hdr_len, 1400, ip_hlen, 16)
     assert super_packet[header.hdr_len :] == payload
     assert str(_parse(super_packet)[TCP].flags) == "PA"
+    assert _ipv4_header_ok(super_packet)  # the kernel drops a super-packet whose IP header sum is wrong
     # completing the partial checksum gives a valid (unsegmented) packet, as the kernel would
     assert transport_checksum_ok(finish_checksum(vnet, super_packet))
 
@@ -153,8 +161,10 @@ def test_split_and_coalesce_round_trip_for_any_payload_size_and_mss(
     assert all(transport_checksum_ok(s) for s in segments)
     hlen = header.hdr_len
     assert b"".join(s[hlen:] for s in segments) == payload
+    assert all(_ipv4_header_ok(s) for s in segments)
     merged = coalesce_tcp(segments)
     assert len(merged) == 1 and merged[0][1][hlen:] == payload
+    assert _ipv4_header_ok(merged[0][1])
     if len(segments) == 1:
         assert merged[0] == (ZERO_VNET_BYTES, segments[0])
 
@@ -242,3 +252,10 @@ def test_coalesce_never_merges_a_segment_with_a_bad_checksum() -> None:
 def test_coalesce_caps_super_packets_at_64k() -> None:
     out = coalesce_tcp(_segments(100, size=1400))
     assert [len(p) for _, p in out] == [40 + 46 * 1400, 40 + 46 * 1400, 40 + 8 * 1400]
+
+
+def test_recompute_checksums_sums_the_ipv4_header_alone() -> None:
+    packet = bytearray(raw(IP(src="10.1.0.2", dst="10.2.0.2") / TCP(sport=1, dport=2) / b"payload"))
+    packet[10:12] = b"\xde\xad"
+    fixed = off.recompute_checksums(bytes(packet))
+    assert _ipv4_header_ok(fixed) and _scapy_checksums_match(fixed)

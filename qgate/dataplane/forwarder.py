@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
-from qgate.dataplane.offload import ZERO_VNET_BYTES, split_tso
+from qgate.dataplane.offload import split_tso
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tunio import VnetTun
 from qgate.dataplane.udpio import UdpBatchIO
@@ -156,11 +156,8 @@ class Forwarder:
             link = self._dispatch(datagram, (address[0], address[1]), now, pending)
             if link is not None:
                 touched[id(link)] = link
-        for packet in pending:  # one write each: see COALESCE_TO_TUN
-            try:
-                self.tun.write(ZERO_VNET_BYTES, packet)
-            except (OSError, DataPlaneError):
-                self.stats.tun_write_errors += 1
+        if pending:
+            self.stats.tun_write_errors += self.tun.write_packets(pending)
         for link in touched.values():
             self.after_peer(link, now)
 

@@ -146,9 +146,10 @@ def _ip_layout(packet: bytes | bytearray | memoryview) -> tuple[int, int, int, i
     raise DataPlaneError(f"not an IP packet (version {version})")
 
 
-def _ipv4_header_checksum(header: bytearray) -> None:
+def _ipv4_header_checksum(header: bytearray, ihl: int = 0) -> None:
+    """Set the IPv4 header checksum over the first ``ihl`` bytes (all of ``header`` when 0)."""
     header[10:12] = b"\0\0"
-    header[10:12] = internet_checksum(header).to_bytes(2, "big")
+    header[10:12] = internet_checksum(memoryview(header)[: ihl or len(header)]).to_bytes(2, "big")
 
 
 def _set_ip_length(header: bytearray, version: int, ip_hlen: int, total: int) -> None:
@@ -170,7 +171,7 @@ def recompute_checksums(packet: bytes | bytearray | memoryview) -> bytes:
     version, ihl, proto, addr_sum = _ip_layout(packet)
     out = bytearray(packet)
     if version == 4:
-        _ipv4_header_checksum(out)
+        _ipv4_header_checksum(out, ihl)
     if proto not in (PROTO_TCP, PROTO_UDP):
         return bytes(out)
     offset = TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET
@@ -468,7 +469,7 @@ def _emit(run: _Run) -> tuple[bytes, bytes]:
     total = hlen + run.size
     _set_ip_length(head, version, ip_hlen, total)
     if version == 4:
-        _ipv4_header_checksum(head)
+        _ipv4_header_checksum(head, ip_hlen)  # the IP header only, not the TCP header behind it
         addr_sum = sum16(head[12:20])
     else:
         addr_sum = sum16(head[8:40])
