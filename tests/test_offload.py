@@ -259,3 +259,16 @@ def test_recompute_checksums_sums_the_ipv4_header_alone() -> None:
     packet[10:12] = b"\xde\xad"
     fixed = off.recompute_checksums(bytes(packet))
     assert _ipv4_header_ok(fixed) and _scapy_checksums_match(fixed)
+
+
+def test_tcp_checksum_is_vouched_by_the_kernel_flags_or_verified_when_neither_is_set() -> None:
+    good = raw(IP(src="10.1.0.2", dst="10.2.0.2") / TCP(sport=1, dport=2, flags="A") / b"data")
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    assert off.tcp_checksum_vouched(off.ZERO_VNET, good)
+    assert not off.tcp_checksum_vouched(off.ZERO_VNET, bytes(bad))
+    assert off.tcp_checksum_vouched(VnetHeader(flags=off.VNET_F_DATA_VALID), bytes(bad))  # kernel checked it
+    assert off.tcp_checksum_vouched(VnetHeader(flags=VNET_F_NEEDS_CSUM), bytes(bad))  # computed in the split
+    udp = bytearray(raw(IP(src="10.1.0.2", dst="10.2.0.2") / UDP(sport=1, dport=2) / b"data"))
+    udp[-1] ^= 0xFF
+    assert off.tcp_checksum_vouched(off.ZERO_VNET, bytes(udp))  # written as it is; the host checks it

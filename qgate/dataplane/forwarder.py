@@ -4,7 +4,10 @@ Outbound: read a (possibly TSO) super-packet from the TUN, split it into real MT
 (``offload.split_tso``), seal each as its own record (so one lost WAN datagram costs one inner
 packet), and send each peer's records with one UDP GSO ``sendmsg`` per run of equal sizes.
 Inbound: receive a GRO batch, open and replay-check each record on its own, then coalesce in-order
-TCP segments and write them to the TUN as few super-packets. Without offloads (old kernel) the same
+TCP segments and write them to the TUN as few super-packets. TCP checksums are checked once, by the
+sender (computed in the split, taken from the kernel's ``DATA_VALID``, or verified in user space;
+a bad one is dropped and counted there), so the receiver merges segments without summing them
+again (protocol.md section 2.1). Without offloads (old kernel) the same
 wire format goes through plain reads, writes, ``sendto`` and ``recvfrom``, logged once at start.
 Per-packet failures are counted, never raised.
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
-from qgate.dataplane.offload import split_tso
+from qgate.dataplane.offload import split_tso, tcp_checksum_vouched
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tunio import VnetTun
 from qgate.dataplane.udpio import UdpBatchIO
@@ -63,6 +66,7 @@ class ForwarderStats:
     drops_no_route: int = 0
     drops_send_error: int = 0
     drops_bad_offload: int = 0
+    drops_bad_checksum: int = 0
     tun_write_errors: int = 0
 
 
@@ -111,10 +115,14 @@ class Forwarder:
             got = self.tun.read()
             if got is None:
                 break
+            vnet, data = got
             try:
-                packets = split_tso(*got)
+                packets = split_tso(vnet, data)
             except DataPlaneError:
                 self.stats.drops_bad_offload += 1
+                continue
+            if not tcp_checksum_vouched(vnet, data):  # the peer merges TCP segments unverified
+                self.stats.drops_bad_checksum += 1
                 continue
             for packet in packets:
                 self._seal_one(packet, now, out, idle)
@@ -156,8 +164,8 @@ class Forwarder:
             link = self._dispatch(datagram, (address[0], address[1]), now, pending)
             if link is not None:
                 touched[id(link)] = link
-        if pending:
-            self.stats.tun_write_errors += self.tun.write_packets(pending)
+        if pending:  # the sender vouched for every TCP checksum (split_tso, tcp_checksum_vouched)
+            self.stats.tun_write_errors += self.tun.write_packets(pending, verify=False)
         for link in touched.values():
             self.after_peer(link, now)
 

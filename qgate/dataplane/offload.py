@@ -229,6 +229,22 @@ def finish_checksum(vnet: VnetHeader, packet: bytes) -> bytes:
     return bytes(out)
 
 
+def tcp_checksum_vouched(vnet: VnetHeader, packet: bytes) -> bool:
+    """Whether a TUN read may be sealed as a packet whose TCP checksum is right (qgate v1 section 2.1).
+
+    The kernel vouches for packets it marks ``VNET_F_NEEDS_CSUM`` (the checksum is computed in
+    :func:`split_tso`) or ``VNET_F_DATA_VALID`` (already verified); any other TCP packet (plain
+    TUN, checksum neither offloaded nor verified) is verified here, RFC 9293 section 3.1.
+    Non-TCP packets are not the sender's business (the receiver writes them as they are) and
+    always pass.
+    """
+    if vnet.flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) or len(packet) < 20:
+        return True
+    if _l4_proto(packet) != PROTO_TCP:
+        return True
+    return transport_checksum_ok(packet)
+
+
 def _l4_proto(packet: bytes | bytearray) -> int:
     version = packet[0] >> 4
     if version == 4:
@@ -300,40 +316,67 @@ def split_tso(vnet: VnetHeader, packet: bytes, mss: int | None = None) -> list[b
 
 
 def _segment(packet: bytes, version: int, ip_hlen: int, l4_hlen: int, proto: int, seg: int) -> list[bytes]:
+    """Cut ``packet`` into segments; headers come from one template, checksums by RFC 1624 arithmetic.
+
+    Only the IPv4 total length, ID and header checksum, the IPv6 payload length, the TCP sequence
+    number, flags and checksum (or the UDP length and checksum) differ between segments, so each
+    header is the template with those fields packed in, and each checksum is a precomputed sum
+    of the fixed words plus the changed fields plus the segment's payload sum.
+    """
     hlen = ip_hlen + l4_hlen
     view = memoryview(packet)
-    ip = bytearray(packet[:ip_hlen])
-    l4 = bytearray(packet[ip_hlen:hlen])
-    addr_sum = sum16(view[12:20] if version == 4 else view[8:40])
+    template = bytearray(packet[:hlen])
     tcp = proto == PROTO_TCP
-    csum_at = TCP_CSUM_OFFSET if tcp else UDP_CSUM_OFFSET
-    l4[csum_at : csum_at + 2] = b"\0\0"
-    seq0 = int.from_bytes(l4[4:8], "big") if tcp else 0
-    flags0 = l4[13] if tcp else 0
-    ip_id0 = int.from_bytes(ip[4:6], "big") if version == 4 else 0
-    out: list[bytes] = []
+    csum_at = ip_hlen + (TCP_CSUM_OFFSET if tcp else UDP_CSUM_OFFSET)
+    template[csum_at : csum_at + 2] = b"\0\0"
+    addr_sum = sum16(view[12:20] if version == 4 else view[8:40])
+    seq0 = int.from_bytes(template[ip_hlen + 4 : ip_hlen + 8], "big") if tcp else 0
+    flags0 = template[ip_hlen + 13] if tcp else 0
+    ip_id0 = int.from_bytes(template[4:6], "big") if version == 4 else 0
+    if version == 4:  # fixed words of the IPv4 header: length, ID and checksum zeroed
+        template[2:6] = b"\0\0\0\0"
+        template[10:12] = b"\0\0"
+        ip_fixed = sum16(memoryview(template)[:ip_hlen])
+    else:
+        template[4:6] = b"\0\0"
+        ip_fixed = 0
+    if tcp:  # fixed words of the TCP header: sequence number and flags zeroed (added per segment)
+        template[ip_hlen + 4 : ip_hlen + 8] = b"\0\0\0\0"
+        template[ip_hlen + 13] = 0
+        l4_fixed = sum16(memoryview(template)[ip_hlen:hlen])
+    else:
+        template[ip_hlen + 4 : ip_hlen + 6] = b"\0\0"
+        l4_fixed = sum16(memoryview(template)[ip_hlen:hlen])
+    base = addr_sum + proto + l4_hlen + l4_fixed  # pseudo-header (without the length) + fixed words
     total = len(packet)
     starts = range(hlen, total, seg)
     last_index = len(starts) - 1
+    pack_into = struct.pack_into
+    out: list[bytes] = []
     for i, off in enumerate(starts):
         data = view[off : off + seg]
         n = len(data)
-        _set_ip_length(ip, version, ip_hlen, hlen + n)
+        head = bytearray(template)
         if version == 4:
-            ip[4:6] = ((ip_id0 + i) & 0xFFFF).to_bytes(2, "big")
-            _ipv4_header_checksum(ip)
-        if tcp:
-            l4[4:8] = ((seq0 + i * seg) & 0xFFFFFFFF).to_bytes(4, "big")
-            flags = flags0 if i == last_index else flags0 & ~(TCP_FIN | TCP_PSH)
-            l4[13] = flags if i == 0 else flags & ~TCP_CWR
+            ip_id = (ip_id0 + i) & 0xFFFF
+            pack_into("!HH", head, 2, hlen + n, ip_id)
+            pack_into("!H", head, 10, ~fold(ip_fixed + hlen + n + ip_id) & 0xFFFF)
         else:
-            l4[4:6] = (l4_hlen + n).to_bytes(2, "big")
-        l4[csum_at : csum_at + 2] = b"\0\0"
-        csum = ~fold(addr_sum + proto + l4_hlen + n + sum16(l4) + sum16(data)) & 0xFFFF
-        if not tcp and csum == 0:
-            csum = 0xFFFF
-        l4[csum_at : csum_at + 2] = csum.to_bytes(2, "big")
-        out.append(b"".join((ip, l4, data)))
+            pack_into("!H", head, 4, l4_hlen + n)
+        if tcp:
+            seq = (seq0 + i * seg) & 0xFFFFFFFF
+            flags = flags0 if i == last_index else flags0 & ~(TCP_FIN | TCP_PSH)
+            if i:
+                flags &= ~TCP_CWR
+            pack_into("!I", head, ip_hlen + 4, seq)
+            head[ip_hlen + 13] = flags
+            csum = ~fold(base + n + (seq >> 16) + (seq & 0xFFFF) + flags + sum16(data)) & 0xFFFF
+        else:
+            length = l4_hlen + n
+            pack_into("!H", head, ip_hlen + 4, length)
+            csum = ~fold(base + n + length + sum16(data)) & 0xFFFF or 0xFFFF
+        pack_into("!H", head, csum_at, csum)
+        out.append(b"".join((head, data)))
     return out
 
 
@@ -349,50 +392,57 @@ class _Run:
     tcp_hlen: int
     gso_size: int
     next_seq: int
-    match: bytes
+    match: tuple[object, ...]
     payloads: list[bytes | memoryview] = field(default_factory=list)
     size: int = 0
     psh: bool = False
     short: bool = False
 
 
-def _candidate(packet: bytes, verify: bool) -> tuple[bytes, bytes, int, int, int, int, bool] | None:
+_IPV4_FIXED: Final = struct.Struct("!BBHHHB")
+"""version/IHL, TOS, total length, ID, flags/fragment offset, TTL."""
+_TCP_FIXED: Final = struct.Struct("!4xIIBBH")
+"""ports (skipped), sequence number, ACK number, data offset, flags, window."""
+
+
+_Candidate = tuple[bytes, tuple[object, ...], int, int, int, int, bool]
+
+
+def _candidate(packet: bytes, verify: bool) -> _Candidate | None:
     """Return ``(flow, match, ip_hlen, tcp_hlen, seq, payload_len, psh)`` of a coalescable segment."""
     n = len(packet)
     if n < 40:
         return None
     version = packet[0] >> 4
     if version == 4:
-        if packet[0] != 0x45 or packet[9] != PROTO_TCP or int.from_bytes(packet[2:4], "big") != n:
-            return None
-        if packet[6] & 0x3F or packet[7]:
+        vihl, tos, total, _, frag, ttl = _IPV4_FIXED.unpack_from(packet)
+        if vihl != 0x45 or packet[9] != PROTO_TCP or total != n or frag & 0x3FFF:
             return None
         ip_hlen = 20
         flow = packet[12:24]
-        ip_match = packet[1:2] + bytes((packet[6] & 0xE0,)) + packet[8:9]
+        ip_match: object = (tos, frag, ttl)
     elif version == 6:
         if n < 60 or packet[6] != PROTO_TCP or int.from_bytes(packet[4:6], "big") != n - 40:
             return None
         ip_hlen = 40
         flow = packet[8:44]
-        ip_match = packet[0:4] + packet[7:8]
+        ip_match = (packet[0:4], packet[7])
     else:
         return None
-    tcp_hlen = (packet[ip_hlen + 12] >> 4) * 4
-    flags = packet[ip_hlen + 13]
+    seq, ack, offset, flags, window = _TCP_FIXED.unpack_from(packet, ip_hlen)
+    tcp_hlen = (offset >> 4) * 4
     payload = n - ip_hlen - tcp_hlen
     if tcp_hlen < 20 or payload < 1 or flags not in (TCP_ACK, TCP_ACK | TCP_PSH):
         return None
     if verify and not transport_checksum_ok(packet):
         return None
     # ack number, data offset, window and options must all be equal (kernel tcp_gro_receive).
-    match = ip_match + packet[ip_hlen + 8 : ip_hlen + 13] + packet[ip_hlen + 14 : ip_hlen + 16]
-    match += packet[ip_hlen + 20 : ip_hlen + tcp_hlen]
-    seq = int.from_bytes(packet[ip_hlen + 4 : ip_hlen + 8], "big")
-    return flow, match, ip_hlen, tcp_hlen, seq, payload, bool(flags & TCP_PSH)
+    options = packet[ip_hlen + 20 : ip_hlen + tcp_hlen] if tcp_hlen > 20 else b""
+    match = (ip_match, ack, offset, window, options)
+    return flow, match, ip_hlen, tcp_hlen, seq, payload, flags == TCP_ACK | TCP_PSH
 
 
-def _can_append(run: _Run, match: bytes, seq: int, payload: int, max_size: int) -> bool:
+def _can_append(run: _Run, match: tuple[object, ...], seq: int, payload: int, max_size: int) -> bool:
     return (
         not run.psh
         and not run.short
