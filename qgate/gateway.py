@@ -271,7 +271,9 @@ class Gateway:
 
     def _open(self) -> None:
         pol = self.policy
-        self._tun = VnetTun.open(pol.tun.name)
+        if not pol.tun.offload:
+            log.warning("offloads off by policy (tun.offload: false): plain TUN, one UDP datagram per call")
+        self._tun = VnetTun.open(pol.tun.name, offload=pol.tun.offload)
         routes = [net for link in self._peers for net in link.policy.subnets]
         self._net = configure_tun(self._tun.name, mtu=pol.tun.mtu, address=pol.tun.address, routes=routes)
         log.info("TUN %s up, MTU %d, routes %s", self._tun.name, pol.tun.mtu, ", ".join(map(str, routes)))
@@ -289,7 +291,7 @@ class Gateway:
         links: list[Link] = list(self._peers)
         self._fwd = Forwarder(
             self._tun,
-            UdpBatchIO(sock),
+            UdpBatchIO(sock, gso=pol.tun.offload, gro=pol.tun.offload),
             cast("RouteTable[Link]", self._routes),
             links,
             self._mtu,
@@ -628,6 +630,19 @@ class Gateway:
             "uptime_s": round(now - self._started, 3),
             "peers": [self._peer_status(link, now) for link in self._peers],
             "counters": {**asdict(self.stats), **asdict(self._fwd_stats())},
+            "data_path": self._data_path(),
+        }
+
+    def _data_path(self) -> dict[str, object]:
+        """Which offloads the data path uses: TUN virtio-net header and offload bits, UDP GSO and GRO."""
+        fwd = self._fwd
+        if fwd is None:
+            return {}
+        return {
+            "tun_vnet_header": fwd.tun.vnet,
+            "tun_offloads": fwd.tun.offloads,
+            "udp_gso": fwd.udp.gso,
+            "udp_gro": fwd.udp.gro,
         }
 
     def _peer_status(self, link: _PeerLink, now: float) -> dict[str, object]:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -250,16 +250,21 @@ class Lab:
         wait_until("both KMEs to listen on port 8443", listening, timeout=KME_TIMEOUT)
 
     def start_qgate(
-        self, *, rekey: dict[str, float] | None = None, kme_rate: int = setup.KME_RATE
+        self,
+        *,
+        rekey: dict[str, float] | None = None,
+        kme_rate: int = setup.KME_RATE,
+        overrides: Mapping[str, setup.SiteOverrides] | None = None,
     ) -> list[Child]:
         """Write PKI, identities and policies, start both KMEs, then both gateways; return the gateways.
 
         Args:
             rekey: rekey timing to force into both policies (seconds), else the template's.
             kme_rate: simulated QKD key rate of each KME, bits per second.
+            overrides: per site (``a``, ``b``) policy values to force (see ``SiteOverrides``).
         """
         setup.make_pki_and_identities(self.run_dir)
-        setup.write_policies(self.run_dir, rekey=rekey)
+        setup.write_policies(self.run_dir, rekey=rekey, overrides=overrides)
         self.start_kmes(rate=kme_rate)
         return self.start_gateways()
 
@@ -405,6 +410,8 @@ class LabOptions:
     pings: int = 20
     tunnel: bool = True
     keep: bool = False
+    no_offload: tuple[str, ...] = ()
+    """Sites (``a``, ``b``) whose gateway runs the plain data path (policy ``tun.offload: false``)."""
 
 
 def run_lab(opts: LabOptions) -> dict[str, object]:
@@ -427,7 +434,8 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     payload = setup.write_payload(lab.run_dir, int(opts.transfer_mb * 1_000_000))
     pattern = secrets.token_bytes(PING_PATTERN_SIZE)
     capture = lab.start_capture()
-    watch = lab.start_qgate() if lab.tunnel else []
+    overrides = {site: setup.SiteOverrides(tun={"offload": False}) for site in opts.no_offload}
+    watch = lab.start_qgate(overrides=overrides) if lab.tunnel else []
     waited = lab.wait_path(watch)
     before = {s: fresh_stats(lab.run_dir / f"stats-{s}.json") for s in ("a", "b")} if lab.tunnel else {}
     traffic = run_traffic(lab, lab.run_dir / "payload.bin", seconds=opts.seconds, pattern=pattern,

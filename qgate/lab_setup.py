@@ -53,11 +53,13 @@ class SiteOverrides:
         peer: keys of the peer entry, e.g. ``{"fail_mode": "pqc_only_if_qkd_down", "qkd_prefetch": 0}``.
         kme: keys of the ``kme`` section, e.g. ``{"timeout": 1.0}`` (seconds).
         rekey: keys of the peer's ``rekey`` mapping (seconds), merged into the rendered one.
+        tun: keys of the gateway's ``tun`` section besides name and MTU, e.g. ``{"offload": False}``.
     """
 
     peer: Mapping[str, object] = field(default_factory=dict)
     kme: Mapping[str, object] = field(default_factory=dict)
     rekey: Mapping[str, float] = field(default_factory=dict)
+    tun: Mapping[str, object] = field(default_factory=dict)
 
 
 SITES: Final[dict[str, dict[str, str]]] = {
@@ -127,6 +129,7 @@ def render_policy(
         tun={"name": TUN_NAME, "mtu": TUN_MTU},
     )
     extra = overrides or SiteOverrides()
+    gateway["tun"] = {**extra.tun, "name": TUN_NAME, "mtu": TUN_MTU}
     kme = _mapping(doc.get("kme"))
     kme.update(extra.kme)
     kme.update(

@@ -85,11 +85,16 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class TunPolicy:
-    """The TUN device: name (1-15 chars), optional address, inner MTU in bytes (576-9000)."""
+    """The TUN device: name (1-15 chars), optional address, inner MTU in bytes (576-9000), offloads.
+
+    ``offload`` False forces the plain data path (no virtio-net header, no UDP GSO/GRO): the same
+    wire format, one packet per system call; for kernels or setups where offloads misbehave.
+    """
 
     name: str = "qg0"
     address: IPInterface | None = None
     mtu: int = C.DEFAULT_TUN_MTU
+    offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,13 @@ TUN_MTU: Final = Field(
     "mtu", Integer(576, 9000, "bytes"), "inner MTU: largest IP packet carried", TunPolicy.mtu
 )
 
+TUN_OFFLOAD: Final = Field(
+    "offload",
+    Boolean(),
+    "use kernel offloads (TUN TSO super-packets, UDP GSO/GRO); false forces the plain path, same wire format",
+    TunPolicy.offload,
+)
+
 GW_NAME: Final = Field("name", _LABEL, "this gateway's label in logs and status")
 GW_IDENTITY: Final = Field("identity", FilePath(), "this gateway's ML-DSA private key, PEM (qgate keygen)")
 GW_LISTEN: Final = Field(
@@ -230,7 +242,11 @@ GW_LISTEN: Final = Field(
     "local UDP address:port for tunnel traffic on the WAN",
 )
 GW_TUN: Final = Field(
-    "tun", Section((TUN_NAME, TUN_ADDRESS, TUN_MTU)), "the TUN device", Default.DERIVED, "all defaults"
+    "tun",
+    Section((TUN_NAME, TUN_ADDRESS, TUN_MTU, TUN_OFFLOAD)),
+    "the TUN device",
+    Default.DERIVED,
+    "all defaults",
 )
 
 KME_URL: Final = Field(
@@ -506,7 +522,10 @@ def _tun(values: Values | None) -> TunPolicy:
     if values is None:
         return TunPolicy()
     return TunPolicy(
-        name=values.value(TUN_NAME), address=values.value(TUN_ADDRESS), mtu=values.value(TUN_MTU)
+        name=values.value(TUN_NAME),
+        address=values.value(TUN_ADDRESS),
+        mtu=values.value(TUN_MTU),
+        offload=values.value(TUN_OFFLOAD),
     )
 
 

@@ -162,3 +162,34 @@ def test_lab_reports_each_gateways_status_and_verified_audit_logs(
     status = result["status"]
     assert isinstance(status, list) and [s["gateway"] for s in status] == ["site-a", "site-b"]
     assert all(s["peers"][0]["state"] in ("up", "rekeying") for s in status)
+
+
+def test_lab_run_uses_the_offload_path_on_both_gateways(
+    lab_run: tuple[subprocess.CompletedProcess[str], dict[str, object]],
+) -> None:
+    status = lab_run[1]["status"]
+    assert isinstance(status, list)
+    for site in status:
+        path = site["data_path"]
+        assert path["tun_vnet_header"] and path["tun_offloads"] & 0x07 == 0x07, path  # CSUM, TSO4, TSO6
+        assert path["udp_gso"] and path["udp_gro"], path
+
+
+@pytest.mark.parametrize("plain", ["a", "b"])
+def test_same_traffic_arrives_intact_when_one_gateway_runs_the_plain_fallback_path(plain: str) -> None:
+    # The plain gateway reads one packet per read and sends one datagram per call (a: sender side),
+    # or receives one datagram per call and writes one packet per write (b: receiver side); the
+    # other gateway keeps its offloads, so this is also the interoperability test of one wire format.
+    proc, result = _lab("--no-offload", plain, "--transfer-mb", "10", "--seconds", "4", "--pings", "10")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert result["ok"] is True, result["checks"]
+    assert result["sha256_match"] is True and result["ping_loss_pct"] == 0
+    assert result["tcp_bytes_received"] == 10_000_000
+    assert result["wan_unparsed"] == 0 and result["wan_plaintext_hits"] == 0
+    status = result["status"]
+    assert isinstance(status, list)
+    paths = {s["gateway"]: s["data_path"] for s in status}
+    plain_path = {"tun_vnet_header": False, "tun_offloads": 0, "udp_gso": False, "udp_gro": False}
+    assert paths[f"site-{plain}"] == plain_path
+    other = "b" if plain == "a" else "a"
+    assert paths[f"site-{other}"]["tun_vnet_header"] and paths[f"site-{other}"]["udp_gro"]

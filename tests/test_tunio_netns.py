@@ -15,13 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skip(
-        reason="reflector test not working yet (a reflected SYN gets no SYN-ACK); the lab e2e tests cover the"
-        " offload path through real gateways; coalesced GSO writes to the TUN are off (issue 5)",
-    ),
-]
+pytestmark = pytest.mark.netns
 
 SCRIPT = r"""
 import hashlib, json, os, select, socket, subprocess, threading

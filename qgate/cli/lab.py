@@ -36,10 +36,19 @@ def lab() -> None:
 @click.option("--pings", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="Pings from host A to host B (0.2 s apart), during the transfer.")  # fmt: skip
 @click.option("--no-tunnel", is_flag=True, help="Baseline: plain IP forwarding between the sites, no qgate.")
+@click.option("--no-offload", type=click.Choice(["a", "b", "both"]), default=None,
+              help="Run gateway a, b or both on the plain data path (tun.offload: false).")  # fmt: skip
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def run(
-    as_json: bool, keep: bool, transfer_mb: float, seconds: float, pings: int, no_tunnel: bool, log_level: str
+    as_json: bool,
+    keep: bool,
+    transfer_mb: float,
+    seconds: float,
+    pings: int,
+    no_tunnel: bool,
+    no_offload: str | None,
+    log_level: str,
 ) -> None:
     """Build the lab, start KMEs and gateways, send traffic, capture the WAN, check it, tear down.
 
@@ -52,8 +61,9 @@ def run(
             raise PermissionError(NOT_ROOT)
         from qgate.lab import LabOptions, format_summary, run_lab
 
+        plain = ("a", "b") if no_offload == "both" else (no_offload,) if no_offload else ()
         opts = LabOptions(transfer_mb=transfer_mb, seconds=seconds, pings=pings, tunnel=not no_tunnel,
-                          keep=keep)  # fmt: skip
+                          keep=keep, no_offload=plain)  # fmt: skip
         result = run_lab(opts)
     except KeyboardInterrupt:
         click.echo(f"lab run interrupted; {'kept' if keep else 'torn down'}", err=True)
