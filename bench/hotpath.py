@@ -5,7 +5,8 @@ Stages, each timed over ``--rounds`` 64 KB TCP super-packets as a TUN with TSO h
 
 * ``aesgcm_encrypt`` (baseline): ``AESGCM.encrypt`` of one 1420-byte packet, nothing else;
 * ``split_tso``: super-packet -> real IP packets with complete checksums;
-* ``seal``: :meth:`qgate.protocol.epoch.EpochSet.seal` (header, counter, AES-GCM);
+* ``seal``: :meth:`qgate.protocol.epoch.EpochSet.seal_batch` of one super-packet's segments
+  (header, counter, AES-GCM), as the forwarder calls it;
 * ``open``: :meth:`qgate.protocol.epoch.EpochSet.open` (header, epoch, AES-GCM, replay window);
 * ``coalesce``: :func:`qgate.dataplane.offload.coalesce_tcp` of the opened packets;
 * ``sum16``: the Internet checksum of one 1420-byte packet.
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return n
 
     def seal() -> int:
-        for s in segments * opts.rounds:
-            sender.seal(s, 1.0)
+        for _ in range(opts.rounds):
+            sender.seal_batch(segments, 1.0)
         return n
 
     def open_all() -> int:

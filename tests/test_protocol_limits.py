@@ -7,15 +7,12 @@ key after RFC 9001 section 6.6, would take minutes to reach). The clock is expli
 
 from __future__ import annotations
 
-import hashlib
-import typing
 from collections.abc import Iterator
 
 import pytest
+from seal_log import SealLog
 from test_protocol_peers import Pair
 
-from qgate.crypto.aead import RecordKey
-from qgate.crypto.secret import Secret
 from qgate.policy import PeerPolicy
 from qgate.protocol import epoch as epoch_module
 from qgate.protocol import peer as peer_module
@@ -25,20 +22,6 @@ from qgate.protocol.wire import classify_datagram, parse_data_header
 SOFT_LIMIT = 400
 HARD_LIMIT = 500
 SLOW_REKEY = {"interval": 3600.0, "kem_interval": 7200.0, "max_key_age": 10800.0}
-
-
-class SealLog(RecordKey):
-    """A RecordKey that records, for every record it seals, which key (a fingerprint) and which counter."""
-
-    uses: typing.ClassVar[list[tuple[str, int]]] = []
-
-    def __init__(self, key: Secret) -> None:
-        super().__init__(key)
-        self.fingerprint = hashlib.sha256(key.reveal()).hexdigest()[:16]
-
-    def seal(self, counter: int, header: bytes, plaintext: bytes) -> bytes:
-        SealLog.uses.append((self.fingerprint, counter))
-        return super().seal(counter, header, plaintext)
 
 
 @pytest.fixture

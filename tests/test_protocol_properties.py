@@ -8,12 +8,10 @@ entry every datagram is delivered at once, so the handshake must then complete.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import os
 import random
-import typing
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -21,9 +19,9 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from seal_log import SealLog
 from test_protocol_peers import IDENT_M, IDENT_S, Pair
 
-from qgate.crypto.aead import RecordKey
 from qgate.crypto.kem import get_kem
 from qgate.crypto.secret import Secret
 from qgate.protocol import epoch as epoch_module
@@ -291,24 +289,12 @@ def test_a_bit_flip_anywhere_in_the_handshake_fragment_stream_never_yields_a_wro
 # ----- nonce uniqueness ----------------------------------------------------------------------------
 
 
-class _SealLog(RecordKey):
-    uses: typing.ClassVar[list[tuple[str, int]]] = []
-
-    def __init__(self, key: Secret) -> None:
-        super().__init__(key)
-        self.fingerprint = hashlib.sha256(key.reveal()).hexdigest()[:16]
-
-    def seal(self, counter: int, header: bytes, plaintext: bytes) -> bytes:
-        _SealLog.uses.append((self.fingerprint, counter))
-        return super().seal(counter, header, plaintext)
-
-
 @pytest.fixture
 def seal_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]:
     """Every record sealed during the test as ``(key fingerprint, counter)``."""
-    monkeypatch.setattr(epoch_module, "RecordKey", _SealLog)
-    _SealLog.uses = []
-    yield _SealLog.uses
+    monkeypatch.setattr(epoch_module, "RecordKey", SealLog)
+    SealLog.uses = []
+    yield SealLog.uses
 
 
 @pytest.mark.parametrize(("loss", "ratchets", "handshakes"), [(0.0, 30, 6), (0.1, 5, 3)])
@@ -331,3 +317,23 @@ def test_counters_never_repeat_under_one_key_across_ratchets_kem_rekeys_and_outa
     assert len(set(seal_log)) == len(seal_log), "a (key, counter) pair, so a GCM nonce, was used twice"
     keys = {fingerprint for fingerprint, _ in seal_log}
     assert len(keys) > pair.master.stats.rekeys_qkd + pair.master.stats.rekeys_kem
+
+
+@settings(max_examples=40, deadline=None)
+@given(packets=st.lists(st.binary(max_size=300), max_size=20), limit=st.integers(min_value=0, max_value=25))
+def test_sealing_a_batch_gives_the_records_of_sealing_one_by_one_and_stops_at_the_packet_limit(
+    packets: list[bytes], limit: int
+) -> None:
+    batch_sender, receiver = _epoch_sets()
+    single_sender, _ = _epoch_sets()
+    for sender in (batch_sender, single_sender):
+        sender.packet_limit = limit
+        assert sender.current is not None
+        sender.current.send_key = batch_sender.current.send_key  # type: ignore[union-attr]
+    records = batch_sender.seal_batch(packets, 1.0)
+    one_by_one = [r for r in (single_sender.seal(p, 1.0) for p in packets) if r is not None]
+    assert records == one_by_one
+    assert len(records) == min(len(packets), limit)
+    assert batch_sender.stats.drops_key_exhausted == len(packets) - len(records)
+    opened = [receiver.open(r, 1.0) for r in records]
+    assert [o[0] if o else None for o in opened] == packets[: len(records)]

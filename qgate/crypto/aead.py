@@ -101,7 +101,7 @@ class RecordKey:
         ``seal`` uses, exposed so the known-answer vectors run through the same code."""
         return self._aead.encrypt(nonce, plaintext, aad)
 
-    def open_nonce(self, nonce: bytes, aad: bytes, ciphertext: bytes) -> bytes:
+    def open_nonce(self, nonce: bytes, aad: bytes | memoryview, ciphertext: bytes | memoryview) -> bytes:
         """AES-256-GCM decryption (SP 800-38D 7.2) under an explicit nonce; the primitive ``open`` uses.
 
         Raises:

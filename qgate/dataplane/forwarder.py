@@ -108,9 +108,14 @@ class Forwarder:
 
     # ----- outbound ------------------------------------------------------------------
     def on_tun_readable(self, now: float) -> None:
-        """Read, split, seal and send what the TUN holds (bounded per call)."""
-        out: dict[tuple[int, int], tuple[Link, int, list[bytes]]] = {}
-        idle: list[Link] = []
+        """Read, split, seal and send what the TUN holds (bounded per call).
+
+        Packets are grouped per peer and outer DSCP in read order, each group sealed as one batch
+        (``Peer.seal_batch``) and sent with as few GSO ``sendmsg`` calls as sizes allow.
+        """
+        groups: dict[tuple[int, int], tuple[Link, int, list[bytes]]] = {}
+        route = self.routes.for_destination
+        mtu = self.mtu
         for _ in range(TUN_READS_PER_WAKE):
             got = self.tun.read()
             if got is None:
@@ -124,36 +129,31 @@ class Forwarder:
             if not tcp_checksum_vouched(vnet, data):  # the peer merges TCP segments unverified
                 self.stats.drops_bad_checksum += 1
                 continue
-            for packet in packets:
-                self._seal_one(packet, now, out, idle)
-        for link, tos, datagrams in out.values():
-            self.stats.drops_send_error += self.udp.send_batch(datagrams, link.address, tos)
+            link = route(packets[0])  # the segments of one super-packet share its addresses
+            if link is None:
+                self.stats.drops_no_route += len(packets)
+                continue
+            if len(packets[0]) > mtu:
+                link.too_big += len(packets)
+                continue
+            tos = dscp_of(data)  # the inner packet's class goes to the outer header (grid priority traffic)
+            key = (id(link), tos)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = (link, tos, packets)
+            else:
+                group[2].extend(packets)
+        idle: list[Link] = []
+        for link, tos, packets in groups.values():
+            datagrams = link.engine.seal_batch(packets, now)
+            if datagrams:
+                self.stats.drops_send_error += self.udp.send_batch(datagrams, link.address, tos)
+            if len(datagrams) < len(packets) and link not in idle:
+                idle.append(link)
         for link in idle:
             if not link.engine.established:
                 link.engine.handle_timer(now)  # no session yet: start or hurry the handshake
             self.after_peer(link, now)
-
-    def _seal_one(
-        self,
-        packet: bytes,
-        now: float,
-        out: dict[tuple[int, int], tuple[Link, int, list[bytes]]],
-        idle: list[Link],
-    ) -> None:
-        link = self.routes.for_destination(packet)
-        if link is None:
-            self.stats.drops_no_route += 1
-            return
-        if len(packet) > self.mtu:
-            link.too_big += 1
-            return
-        datagram = link.engine.seal(packet, now)
-        if datagram is None:
-            if link not in idle:
-                idle.append(link)
-            return
-        tos = dscp_of(packet)  # the inner packet's class goes to the outer header (grid priority traffic)
-        out.setdefault((id(link), tos), (link, tos, []))[2].append(datagram)
 
     # ----- inbound -------------------------------------------------------------------
     def on_udp_readable(self, now: float) -> None:

@@ -9,15 +9,23 @@ index (docs/protocol.md, Epochs). Per-packet failures are counted, never raised.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from qgate.constants import AEAD_PACKET_LIMIT, DATA_HEADER_SIZE, EPOCH_GRACE
+from qgate.constants import AEAD_PACKET_LIMIT, AEAD_TAG_SIZE, DATA_HEADER_SIZE, EPOCH_GRACE, MSG_DATA
 from qgate.crypto.aead import RecordKey
 from qgate.crypto.secret import Secret
-from qgate.errors import AuthenticationError, RemoteProtocolError
+from qgate.errors import AuthenticationError
 from qgate.protocol.replay import ReplayWindow
-from qgate.protocol.wire import pack_data_header, parse_data_header
+
+_HEADER: Final = struct.Struct("!IIQ")
+"""The data header as ``(type << 24 | reserved, receiver_index, counter)`` (protocol.md 2.1)."""
+_HEADER_WORD0: Final = MSG_DATA << 24
+"""First 32-bit word of every valid data header: type 0x04, reserved bytes zero."""
+_NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
+"""Nonce = 4 zero bytes || the header's 8 counter bytes (protocol.md 2.1, as RecordKey.seal)."""
 
 PREVIOUS_MAX: Final = 3
 """Replaced epochs kept for reordered packets at most (older ones are dropped at once)."""
@@ -174,23 +182,45 @@ class EpochSet:
 
         None is counted: no session, key past ``max_key_age``, or key at its packet limit.
         """
+        out = self.seal_batch((packet,), now)
+        return out[0] if out else None
+
+    def seal_batch(self, packets: Sequence[bytes], now: float) -> list[bytes]:
+        """Seal ``packets`` in order under the current epoch; the same records as ``seal`` one by one.
+
+        The epoch, its age and its packet limit are checked once for the batch; packets beyond
+        the limit, or all of them without a usable epoch, are dropped and counted as ``seal``
+        counts them.
+
+        Returns:
+            The data datagrams (``header(16) || ciphertext || tag(16)`` each), a prefix of the batch.
+        """
         epoch = self.current
         stats = self.stats
         if epoch is None:
-            stats.drops_no_session += 1
-            return None
+            stats.drops_no_session += len(packets)
+            return []
         if now - epoch.created_at > self.max_key_age:
-            stats.drops_key_expired += 1
-            return None
+            stats.drops_key_expired += len(packets)
+            return []
         counter = epoch.send_counter
-        if counter >= self.packet_limit:
-            stats.drops_key_exhausted += 1
-            return None
-        epoch.send_counter = counter + 1
-        header = pack_data_header(epoch.peer_index, counter)
-        stats.tx_packets += 1
-        stats.tx_bytes += len(packet)
-        return header + epoch.send_key.seal(counter, header, packet)
+        room = self.packet_limit - counter
+        if room < len(packets):
+            stats.drops_key_exhausted += len(packets) - max(room, 0)
+            packets = packets[: max(room, 0)]
+        word0, index, pack = _HEADER_WORD0, epoch.peer_index, _HEADER.pack
+        seal = epoch.send_key.seal_nonce
+        out = []
+        size = 0
+        for packet in packets:
+            header = pack(word0, index, counter)
+            out.append(header + seal(_NONCE_PREFIX + header[8:], header, packet))
+            counter += 1
+            size += len(packet)
+        epoch.send_counter = counter
+        stats.tx_packets += len(out)
+        stats.tx_bytes += size
+        return out
 
     def open(self, datagram: bytes, now: float) -> tuple[bytes, Epoch] | None:
         """Verify and decrypt a data datagram; return ``(plaintext, epoch)`` or None (counted).
@@ -198,9 +228,11 @@ class EpochSet:
         Order (DESIGN.md, Data plane): epoch lookup, tag check, then the replay window.
         """
         stats = self.stats
-        try:
-            index, counter = parse_data_header(datagram)
-        except RemoteProtocolError:
+        if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
+            stats.drops_malformed += 1
+            return None
+        word0, index, counter = _HEADER.unpack_from(datagram)
+        if word0 != _HEADER_WORD0:  # wrong type or nonzero reserved bytes
             stats.drops_malformed += 1
             return None
         epoch = self.by_index.get(index)
@@ -211,7 +243,10 @@ class EpochSet:
             stats.drops_key_expired += 1
             return None
         try:
-            plaintext = epoch.recv_key.open(counter, datagram[:DATA_HEADER_SIZE], datagram[DATA_HEADER_SIZE:])
+            view = memoryview(datagram)
+            plaintext = epoch.recv_key.open_nonce(
+                _NONCE_PREFIX + datagram[8:DATA_HEADER_SIZE], view[:DATA_HEADER_SIZE], view[DATA_HEADER_SIZE:]
+            )
         except AuthenticationError:
             stats.drops_auth += 1
             return None

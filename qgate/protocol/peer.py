@@ -799,7 +799,12 @@ class Peer:
 
     # ----- data ----------------------------------------------------------------------
     def seal(self, packet: bytes, now: float) -> bytes | None:
-        """Seal one inner packet for the peer; None (counted) if no key may be used.
+        """Seal one inner packet for the peer; None (counted) if no key may be used (see ``seal_batch``)."""
+        out = self.seal_batch((packet,), now)
+        return out[0] if out else None
+
+    def seal_batch(self, packets: Sequence[bytes], now: float) -> list[bytes]:
+        """Seal inner packets for the peer, in order; those no key may seal are dropped and counted.
 
         A slave nearing the AES-GCM packet limit (RFC 9001 section 6.6) asks the master for a
         fresh handshake with a Kick (rate-limited); a master reaching it makes its ratchet timer
@@ -807,17 +812,20 @@ class Peer:
 
         A slave whose sending epoch is gone or past its age switches to its receive-only epoch
         (its M3/R3 and keepalive were lost): better than dropping, and the master holds it.
+
+        Returns:
+            The data datagrams (16-byte header, ciphertext, 16-byte tag), a prefix of the batch.
         """
         epochs = self.epochs
         current = epochs.current
         if epochs.next is not None and (current is None or not epochs.usable(current, now)):
             self._promote(now)
-        elif current is not None and current.send_counter >= AEAD_PACKET_SOFT_LIMIT:
+        elif current is not None and current.send_counter + len(packets) > AEAD_PACKET_SOFT_LIMIT:
             if self.config.role == "slave":
                 self.send_kick(now, KICK_PACKET_LIMIT)  # only the master rekeys: ask it for a fresh handshake
-            elif current.send_counter == AEAD_PACKET_SOFT_LIMIT:
+            elif current.send_counter <= AEAD_PACKET_SOFT_LIMIT:
                 self._next_ratchet_at = now  # due at once (step RK-0); later seals keep any backoff
-        return epochs.seal(packet, now)
+        return epochs.seal_batch(packets, now)
 
     def open(self, datagram: bytes, now: float) -> bytes | None:
         """Open one data datagram; None (counted) if it fails any check.
