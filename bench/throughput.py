@@ -133,10 +133,14 @@ def _number(obj: object, *keys: str) -> float:
     return float(obj)
 
 
+def measure_tcp_from_end(end: dict[str, object]) -> float:
+    """Receiver Gbit/s of an iperf3 TCP ``end`` report (3 decimals)."""
+    return round(_number(end, "sum_received", "bits_per_second") / 1e9, 3)
+
+
 def measure_tcp(lab: Lab, seconds: float) -> Result:
     """One iperf3 TCP flow host A -> host B for ``seconds``; ``tcp_gbps`` = receiver Gbit/s."""
-    end = iperf_client(lab, seconds)
-    return {"tcp_gbps": round(_number(end, "sum_received", "bits_per_second") / 1e9, 3)}
+    return {"tcp_gbps": measure_tcp_from_end(iperf_client(lab, seconds))}
 
 
 def measure_udp(lab: Lab, seconds: float) -> Result:
