@@ -8,7 +8,7 @@ Stages, each timed over ``--rounds`` 64 KB TCP super-packets as a TUN with TSO h
 * ``seal``: :meth:`qgate.protocol.epoch.EpochSet.seal_batch` of one super-packet's segments
   (header, counter, AES-GCM), as the forwarder calls it;
 * ``open``: :meth:`qgate.protocol.epoch.EpochSet.open` (header, epoch, AES-GCM, replay window);
-* ``coalesce``: :func:`qgate.dataplane.offload.coalesce_tcp` of the opened packets;
+* ``coalesce``: :func:`qgate.dataplane.coalesce.coalesce` of the opened packets;
 * ``sum16``: the Internet checksum of one 1420-byte packet.
 
 Figures are microseconds per inner packet (median of ``--repeat`` runs) and the ratio to the
@@ -31,11 +31,11 @@ from typing import Final
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qgate.crypto.secret import Secret
+from qgate.dataplane.coalesce import coalesce as coalesce_packets
 from qgate.dataplane.offload import (
     GSO_TCPV4,
     VNET_F_NEEDS_CSUM,
     VnetHeader,
-    coalesce_tcp,
     fold,
     split_tso,
     sum16,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def coalesce(verify: bool) -> Callable[[], int]:
         def run() -> int:
             for _ in range(opts.rounds):
-                coalesce_tcp(segments, verify=verify)
+                coalesce_packets(segments, verify=verify)
             return n
         return run
 

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--traffic", choices=("tcp", "udp64"), default="tcp",
+                        help="one TCP flow, or 64-byte UDP datagrams as fast as iperf3 sends")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(argv)
     spy = _py_spy()
@@ -75,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         recorders = []
         for child, site in zip(watch, ("b", "a"), strict=True):
             path = lab.run_dir / f"profile-{site}.txt"
-            argv_spy = [spy, "record", "-r", str(RATE_HZ), "-d", str(int(opts.seconds)), "--idle",
+            argv_spy = [spy, "record", "-r", str(RATE_HZ), "-d", str(int(opts.seconds)),
                         "-f", "raw", "-o", str(path), "-p", str(child.proc.pid)]
             recorders.append((site, path, subprocess.Popen(argv_spy, stdout=subprocess.DEVNULL,
                                                            stderr=subprocess.DEVNULL)))
         time.sleep(0.5)
-        out.update(throughput.measure_tcp(lab, opts.seconds))
+        if opts.traffic == "tcp":
+            out.update(throughput.measure_tcp(lab, opts.seconds))
+        else:
+            out.update(throughput.measure_udp(lab, opts.seconds))
         for site, path, proc in recorders:
             proc.wait(timeout=opts.seconds + 30)
             out[site] = summarise(path.read_text() if path.exists() else "", opts.top)
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  self {pct:5.1f}  {name}", file=sys.stderr)
         for name, pct in report["inclusive"].items():
             print(f"  incl {pct:5.1f}  {name}", file=sys.stderr)
-    print(f"tcp_gbps {out.get('tcp_gbps')}", file=sys.stderr)
+    print(f"tcp_gbps {out.get('tcp_gbps')} udp64_kpps {out.get('udp64_kpps')}", file=sys.stderr)
     if opts.json:
         print(json.dumps(out, separators=(",", ":")))
     return 0

@@ -58,7 +58,7 @@ GATEWAY_COUNTERS: Final[Mapping[str, str]] = {
     "drops_no_route": "Inner packets from the TUN with no peer route for their destination",
     "drops_send_error": "Datagrams the UDP socket failed to send",
     "drops_bad_offload": "TUN packets with an unusable offload (virtio-net) header",
-    "drops_bad_checksum": "TCP packets from the TUN whose checksum failed (dropped before sealing)",
+    "drops_bad_checksum": "TCP/UDP packets from the TUN whose checksum failed (dropped before sealing)",
     "tun_write_errors": "Decrypted packets the TUN device failed to take",
 }
 """Keys of the status ``counters`` mapping (GatewayStats + ForwarderStats) exported as

@@ -12,6 +12,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, raw
 
 from qgate.dataplane import offload as off
+from qgate.dataplane.coalesce import coalesce
 from qgate.dataplane.offload import (
     GSO_TCPV4,
     GSO_TCPV6,
@@ -20,7 +21,6 @@ from qgate.dataplane.offload import (
     VNET_F_NEEDS_CSUM,
     ZERO_VNET_BYTES,
     VnetHeader,
-    coalesce_tcp,
     finish_checksum,
     parse_vnet_header,
     split_tso,
@@ -114,7 +114,7 @@ def test_split_tso_turns_64k_super_packet_into_valid_mss_segments(version: int) 
 def test_split_segments_recoalesce_to_the_original_byte_stream(version: int) -> None:
     payload = os.urandom(60000)
     header, packet = kernel_super_packet(version, payload, 1400)
-    merged = coalesce_tcp(split_tso(header, packet))
+    merged = coalesce(split_tso(header, packet))
     assert len(merged) == 1
     vnet_bytes, super_packet = merged[0]
     vnet = parse_vnet_header(vnet_bytes)
@@ -162,7 +162,7 @@ def test_split_and_coalesce_round_trip_for_any_payload_size_and_mss(
     hlen = header.hdr_len
     assert b"".join(s[hlen:] for s in segments) == payload
     assert all(_ipv4_header_ok(s) for s in segments)
-    merged = coalesce_tcp(segments)
+    merged = coalesce(segments)
     assert len(merged) == 1 and merged[0][1][hlen:] == payload
     assert _ipv4_header_ok(merged[0][1])
     if len(segments) == 1:
@@ -207,53 +207,6 @@ def test_split_tso_rejects_ufo_and_mismatched_ip_version() -> None:
         split_tso(header, packet[:30])
 
 
-def _segments(n: int, size: int = 1000, seq: int = 1, **tcp: object) -> list[bytes]:
-    base = {"sport": 1111, "dport": 2222, "ack": 5, "flags": "A", "window": 64}
-    base.update(tcp)
-    return [
-        raw(IP(src="10.1.0.2", dst="10.2.0.2") / TCP(seq=seq + i * size, **base) / (bytes([i]) * size))  # type: ignore[arg-type]
-        for i in range(n)
-    ]
-
-
-def test_coalesce_leaves_non_tcp_and_other_flows_single_with_zero_header_in_order() -> None:
-    udp = raw(IP(src="10.1.0.2", dst="10.2.0.2") / UDP(sport=1, dport=2) / b"x")
-    flow_a = _segments(3)
-    flow_b = _segments(2, sport=3333)
-    out = coalesce_tcp([flow_a[0], udp, flow_b[0], flow_a[1], flow_b[1], flow_a[2]])
-    assert [parse_vnet_header(h).gso_type for h, _ in out] == [GSO_TCPV4, 0, GSO_TCPV4]
-    assert out[1] == (ZERO_VNET_BYTES, udp)
-    assert len(out[0][1]) == 40 + 3000 and len(out[2][1]) == 40 + 2000
-
-
-def test_coalesce_does_not_merge_across_a_sequence_gap_or_changed_ack() -> None:
-    gap = _segments(2) + _segments(1, seq=5001)
-    assert len(coalesce_tcp(gap)) == 2
-    acks = _segments(2) + _segments(1, seq=2001, ack=6)
-    assert len(coalesce_tcp(acks)) == 2
-
-
-def test_coalesce_ends_a_group_at_psh_and_after_a_short_segment() -> None:
-    psh = _segments(2, flags="PA") + _segments(1, seq=2001)
-    assert [len(p) for _, p in coalesce_tcp(psh)] == [1040, 1040, 1040]
-    short = [*_segments(2), *_segments(1, size=500, seq=2001), *_segments(1, seq=2501)]
-    assert [len(p) for _, p in coalesce_tcp(short)] == [40 + 2500, 1040]
-
-
-def test_coalesce_never_merges_a_segment_with_a_bad_checksum() -> None:
-    segs = _segments(3)
-    bad = bytearray(segs[1])
-    bad[-1] ^= 0xFF
-    out = coalesce_tcp([segs[0], bytes(bad), segs[2]])
-    assert (ZERO_VNET_BYTES, bytes(bad)) in out
-    assert all(len(p) == 1040 for _, p in out)
-
-
-def test_coalesce_caps_super_packets_at_64k() -> None:
-    out = coalesce_tcp(_segments(100, size=1400))
-    assert [len(p) for _, p in out] == [40 + 46 * 1400, 40 + 46 * 1400, 40 + 8 * 1400]
-
-
 def test_recompute_checksums_sums_the_ipv4_header_alone() -> None:
     packet = bytearray(raw(IP(src="10.1.0.2", dst="10.2.0.2") / TCP(sport=1, dport=2) / b"payload"))
     packet[10:12] = b"\xde\xad"
@@ -261,14 +214,19 @@ def test_recompute_checksums_sums_the_ipv4_header_alone() -> None:
     assert _ipv4_header_ok(fixed) and _scapy_checksums_match(fixed)
 
 
-def test_tcp_checksum_is_vouched_by_the_kernel_flags_or_verified_when_neither_is_set() -> None:
+def test_tcp_and_udp_checksums_are_vouched_by_the_kernel_flags_or_verified_when_neither_is_set() -> None:
     good = raw(IP(src="10.1.0.2", dst="10.2.0.2") / TCP(sport=1, dport=2, flags="A") / b"data")
     bad = bytearray(good)
     bad[-1] ^= 0xFF
-    assert off.tcp_checksum_vouched(off.ZERO_VNET, good)
-    assert not off.tcp_checksum_vouched(off.ZERO_VNET, bytes(bad))
-    assert off.tcp_checksum_vouched(VnetHeader(flags=off.VNET_F_DATA_VALID), bytes(bad))  # kernel checked it
-    assert off.tcp_checksum_vouched(VnetHeader(flags=VNET_F_NEEDS_CSUM), bytes(bad))  # computed in the split
+    assert off.checksum_vouched(off.ZERO_VNET, good)
+    assert not off.checksum_vouched(off.ZERO_VNET, bytes(bad))
+    assert off.checksum_vouched(VnetHeader(flags=off.VNET_F_DATA_VALID), bytes(bad))  # kernel checked it
+    assert off.checksum_vouched(VnetHeader(flags=VNET_F_NEEDS_CSUM), bytes(bad))  # computed in the split
     udp = bytearray(raw(IP(src="10.1.0.2", dst="10.2.0.2") / UDP(sport=1, dport=2) / b"data"))
+    assert off.checksum_vouched(off.ZERO_VNET, bytes(udp))
     udp[-1] ^= 0xFF
-    assert off.tcp_checksum_vouched(off.ZERO_VNET, bytes(udp))  # written as it is; the host checks it
+    assert not off.checksum_vouched(off.ZERO_VNET, bytes(udp))
+    udp[26:28] = b"\0\0"  # IPv4 UDP without a checksum (RFC 768)
+    assert off.checksum_vouched(off.ZERO_VNET, bytes(udp))
+    icmp = raw(IP(src="10.1.0.2", dst="10.2.0.2", proto=1) / b"\x08\x00\xff\xff")
+    assert off.checksum_vouched(off.ZERO_VNET, icmp)  # not merged by the receiver: not checked

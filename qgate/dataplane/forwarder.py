@@ -4,11 +4,12 @@ Outbound: read a (possibly TSO) super-packet from the TUN, split it into real MT
 (``offload.split_tso``), seal each as its own record (so one lost WAN datagram costs one inner
 packet), and send each peer's records with one UDP GSO ``sendmsg`` per run of equal sizes.
 Inbound: receive a GRO batch, open and replay-check each record on its own, then coalesce in-order
-TCP segments and write them to the TUN as few super-packets. TCP checksums are checked once, by the
-sender (computed in the split, taken from the kernel's ``DATA_VALID``, or verified in user space;
-a bad one is dropped and counted there), so the receiver merges segments without summing them
-again (protocol.md section 2.1). Without offloads (old kernel) the same
-wire format goes through plain reads, writes, ``sendto`` and ``recvfrom``, logged once at start.
+TCP segments (and equal-sized UDP datagrams) of a flow and write them to the TUN as few
+super-packets. TCP and UDP checksums are checked once, by the sender (computed in the split, taken
+from the kernel's ``DATA_VALID``, or verified in user space; a bad one is dropped and counted
+there), so the receiver merges packets without summing them again (protocol.md section 2.1).
+Without offloads (old kernel, or ``tun.offload: false``) the same wire format goes through plain
+reads, writes, ``sendto`` and ``recvfrom``, logged once at start.
 Per-packet failures are counted, never raised.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
-from qgate.dataplane.offload import split_tso, tcp_checksum_vouched
+from qgate.dataplane.offload import checksum_vouched, split_tso
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tunio import VnetTun
 from qgate.dataplane.udpio import UdpBatchIO
@@ -29,8 +30,11 @@ from qgate.protocol.peer import Peer
 
 log = logging.getLogger(__name__)
 
-TUN_READS_PER_WAKE: Final = 8
-"""TUN reads per wake-up at most (each up to a 64 KB super-packet)."""
+TUN_READS_PER_WAKE: Final = 64
+"""TUN reads per wake-up at most (small packets come one per read)."""
+TUN_BYTES_PER_WAKE: Final = 128 * 1024
+"""Bytes read from the TUN per wake-up at most (two 64 KB super-packets): bounds the time one
+wake-up spends sealing, so the other direction and the timers wait at most about 0.5 ms."""
 UDP_CALLS_PER_WAKE: Final = 8
 """recvmsg calls per wake-up at most (each up to 64 GRO'd datagrams)."""
 
@@ -116,17 +120,19 @@ class Forwarder:
         groups: dict[tuple[int, int], tuple[Link, int, list[bytes]]] = {}
         route = self.routes.for_destination
         mtu = self.mtu
+        budget = TUN_BYTES_PER_WAKE
         for _ in range(TUN_READS_PER_WAKE):
-            got = self.tun.read()
+            got = self.tun.read() if budget > 0 else None
             if got is None:
                 break
             vnet, data = got
+            budget -= len(data)
             try:
                 packets = split_tso(vnet, data)
             except DataPlaneError:
                 self.stats.drops_bad_offload += 1
                 continue
-            if not tcp_checksum_vouched(vnet, data):  # the peer merges TCP segments unverified
+            if not checksum_vouched(vnet, data):  # the peer merges TCP/UDP packets unverified
                 self.stats.drops_bad_checksum += 1
                 continue
             link = route(packets[0])  # the segments of one super-packet share its addresses
@@ -164,8 +170,8 @@ class Forwarder:
             link = self._dispatch(datagram, (address[0], address[1]), now, pending)
             if link is not None:
                 touched[id(link)] = link
-        if pending:  # the sender vouched for every TCP checksum (split_tso, tcp_checksum_vouched)
-            self.stats.tun_write_errors += self.tun.write_packets(pending, verify=False)
+        if pending:  # the sender vouched for every TCP/UDP checksum (split_tso, checksum_vouched)
+            self.stats.tun_write_errors += self.tun.write_packets(pending)
         for link in touched.values():
             self.after_peer(link, now)
 

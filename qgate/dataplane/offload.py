@@ -1,14 +1,13 @@
-"""TUN offload helpers: ``virtio_net_hdr``, TSO/USO segmentation and TCP coalescing (pure, no I/O).
+"""TUN offload helpers: ``virtio_net_hdr``, checksums and TSO/USO segmentation (pure, no I/O).
 
 A TUN opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` prefixes every packet with a 10-byte
 ``struct virtio_net_hdr`` (``include/uapi/linux/virtio_net.h``; Virtio 1.2 section 5.1.6) and may
 hand over one TCP (or UDP, with USO) *super-packet* of up to 64 KB that the kernel did not
 segment, often with only a partial transport checksum (``VIRTIO_NET_HDR_F_NEEDS_CSUM``). qgate
 seals every inner IP packet as its own record, so the read path splits super-packets back into
-real MTU-sized packets with complete checksums (:func:`split_tso`), and the write path merges
-in-order TCP segments of one flow into a super-packet with a GSO header (:func:`coalesce_tcp`),
-so the kernel takes many packets with one ``write``. The rules follow the kernel's
-``tcp_gso_segment``/``tcp_gro_receive`` and wireguard-go's ``tun/offload_linux.go``.
+real MTU-sized packets with complete checksums (:func:`split_tso`); the write path's merging of
+packets into super-packets is :mod:`qgate.dataplane.coalesce`. The rules follow the kernel's
+``tcp_gso_segment``/``__udp_gso_segment`` and wireguard-go's ``tun/offload_linux.go``.
 
 Checksums are the Internet checksum (RFC 1071) with the pseudo-headers of RFC 9293 section 3.1
 (TCP), RFC 768 (UDP) and RFC 8200 section 8.1 (IPv6). The 16-bit ones' complement sum of a buffer
@@ -18,8 +17,6 @@ is computed as ``int.from_bytes(buffer) mod 0xFFFF`` (2**16 = 1 mod 0xFFFF), one
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from qgate.errors import DataPlaneError
@@ -146,7 +143,7 @@ def _ip_layout(packet: bytes | bytearray | memoryview) -> tuple[int, int, int, i
     raise DataPlaneError(f"not an IP packet (version {version})")
 
 
-def _ipv4_header_checksum(header: bytearray, ihl: int = 0) -> None:
+def ipv4_header_checksum(header: bytearray, ihl: int = 0) -> None:
     """Set the IPv4 header checksum over the first ``ihl`` bytes (all of ``header`` when 0)."""
     header[10:12] = b"\0\0"
     header[10:12] = internet_checksum(memoryview(header)[: ihl or len(header)]).to_bytes(2, "big")
@@ -171,7 +168,7 @@ def recompute_checksums(packet: bytes | bytearray | memoryview) -> bytes:
     version, ihl, proto, addr_sum = _ip_layout(packet)
     out = bytearray(packet)
     if version == 4:
-        _ipv4_header_checksum(out, ihl)
+        ipv4_header_checksum(out, ihl)
     if proto not in (PROTO_TCP, PROTO_UDP):
         return bytes(out)
     offset = TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET
@@ -229,18 +226,18 @@ def finish_checksum(vnet: VnetHeader, packet: bytes) -> bytes:
     return bytes(out)
 
 
-def tcp_checksum_vouched(vnet: VnetHeader, packet: bytes) -> bool:
-    """Whether a TUN read may be sealed as a packet whose TCP checksum is right (qgate v1 section 2.1).
+def checksum_vouched(vnet: VnetHeader, packet: bytes) -> bool:
+    """Whether a TUN read may be sealed as a packet whose TCP/UDP checksum is right (protocol.md 2.1).
 
     The kernel vouches for packets it marks ``VNET_F_NEEDS_CSUM`` (the checksum is computed in
-    :func:`split_tso`) or ``VNET_F_DATA_VALID`` (already verified); any other TCP packet (plain
-    TUN, checksum neither offloaded nor verified) is verified here, RFC 9293 section 3.1.
-    Non-TCP packets are not the sender's business (the receiver writes them as they are) and
-    always pass.
+    :func:`split_tso`) or ``VNET_F_DATA_VALID`` (already verified); any other TCP or UDP packet
+    (plain TUN, checksum neither offloaded nor verified) is verified here (RFC 9293 section 3.1,
+    RFC 768; an IPv4 UDP checksum of zero means none and passes). Other protocols always pass:
+    the receiver writes them as they are and never merges them.
     """
     if vnet.flags & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) or len(packet) < 20:
         return True
-    if _l4_proto(packet) != PROTO_TCP:
+    if _l4_proto(packet) not in (PROTO_TCP, PROTO_UDP):
         return True
     return transport_checksum_ok(packet)
 
@@ -378,161 +375,3 @@ def _segment(packet: bytes, version: int, ip_hlen: int, l4_hlen: int, proto: int
         pack_into("!H", head, csum_at, csum)
         out.append(b"".join((head, data)))
     return out
-
-
-# ----- coalescing (write path: records -> TUN) -----------------------------------------------
-
-
-@dataclass
-class _Run:
-    """An open coalescing group: consecutive in-order segments of one TCP flow."""
-
-    first: bytes
-    ip_hlen: int
-    tcp_hlen: int
-    gso_size: int
-    next_seq: int
-    match: tuple[object, ...]
-    payloads: list[bytes | memoryview] = field(default_factory=list)
-    size: int = 0
-    psh: bool = False
-    short: bool = False
-
-
-_IPV4_FIXED: Final = struct.Struct("!BBHHHB")
-"""version/IHL, TOS, total length, ID, flags/fragment offset, TTL."""
-_TCP_FIXED: Final = struct.Struct("!4xIIBBH")
-"""ports (skipped), sequence number, ACK number, data offset, flags, window."""
-
-
-_Candidate = tuple[bytes, tuple[object, ...], int, int, int, int, bool]
-
-
-def _candidate(packet: bytes, verify: bool) -> _Candidate | None:
-    """Return ``(flow, match, ip_hlen, tcp_hlen, seq, payload_len, psh)`` of a coalescable segment."""
-    n = len(packet)
-    if n < 40:
-        return None
-    version = packet[0] >> 4
-    if version == 4:
-        vihl, tos, total, _, frag, ttl = _IPV4_FIXED.unpack_from(packet)
-        if vihl != 0x45 or packet[9] != PROTO_TCP or total != n or frag & 0x3FFF:
-            return None
-        ip_hlen = 20
-        flow = packet[12:24]
-        ip_match: object = (tos, frag, ttl)
-    elif version == 6:
-        if n < 60 or packet[6] != PROTO_TCP or int.from_bytes(packet[4:6], "big") != n - 40:
-            return None
-        ip_hlen = 40
-        flow = packet[8:44]
-        ip_match = (packet[0:4], packet[7])
-    else:
-        return None
-    seq, ack, offset, flags, window = _TCP_FIXED.unpack_from(packet, ip_hlen)
-    tcp_hlen = (offset >> 4) * 4
-    payload = n - ip_hlen - tcp_hlen
-    if tcp_hlen < 20 or payload < 1 or flags not in (TCP_ACK, TCP_ACK | TCP_PSH):
-        return None
-    if verify and not transport_checksum_ok(packet):
-        return None
-    # ack number, data offset, window and options must all be equal (kernel tcp_gro_receive).
-    options = packet[ip_hlen + 20 : ip_hlen + tcp_hlen] if tcp_hlen > 20 else b""
-    match = (ip_match, ack, offset, window, options)
-    return flow, match, ip_hlen, tcp_hlen, seq, payload, flags == TCP_ACK | TCP_PSH
-
-
-def _can_append(run: _Run, match: tuple[object, ...], seq: int, payload: int, max_size: int) -> bool:
-    return (
-        not run.psh
-        and not run.short
-        and match == run.match
-        and seq == run.next_seq
-        and payload <= run.gso_size
-        and run.ip_hlen + run.tcp_hlen + run.size + payload <= max_size
-    )
-
-
-def coalesce_tcp(
-    packets: Sequence[bytes], *, max_size: int = MAX_IP_PACKET, verify: bool = True
-) -> list[tuple[bytes, bytes]]:
-    """Merge in-order TCP segments of the same flow into GSO super-packets for one TUN write each.
-
-    A segment joins the open group of its flow (same addresses and ports) when: it carries data,
-    its flags are ACK or ACK|PSH, the group has no PSH yet and no short segment, the sequence
-    number follows on, ACK number, window, TCP options, TOS/traffic class, TTL/hop limit and DF
-    are equal, its payload is at most the group's segment size, and the merged packet stays
-    within ``max_size``. Rules as the kernel's ``tcp_gro_receive``. Any other TCP packet of the
-    flow closes its group. Merged packets get a ``GSO_TCPV4``/``GSO_TCPV6`` header with
-    ``VNET_F_NEEDS_CSUM`` and the pseudo-header sum in the TCP checksum field; all other packets
-    are returned unchanged with a zero header. The order of flows and of packets within a flow is
-    kept (a group sits at the position of its first segment).
-
-    Args:
-        packets: whole IPv4/IPv6 packets (decrypted records), in arrival order.
-        max_size: largest merged IP packet, bytes (65535 at most).
-        verify: merge only segments whose TCP checksum verifies (as wireguard-go), so a corrupt
-            segment is never given a fresh checksum.
-
-    Returns:
-        ``[(vnet_header_bytes (10), packet), ...]`` ready for ``write(header + packet)``.
-    """
-    slots: list[tuple[bytes, bytes] | _Run] = []
-    open_runs: dict[bytes, _Run] = {}
-    for packet in packets:
-        info = _candidate(packet, verify)
-        if info is None:
-            if len(packet) >= 40 and _l4_proto(packet) == PROTO_TCP and open_runs:
-                open_runs.pop(_flow_of(packet), None)
-            slots.append((ZERO_VNET_BYTES, packet))
-            continue
-        flow, match, ip_hlen, tcp_hlen, seq, payload, psh = info
-        run = open_runs.get(flow)
-        if run is not None and _can_append(run, match, seq, payload, max_size):
-            run.payloads.append(memoryview(packet)[ip_hlen + tcp_hlen :])
-            run.size += payload
-            run.next_seq = (seq + payload) & 0xFFFFFFFF
-            run.psh = psh
-            run.short = payload < run.gso_size
-            continue
-        run = _Run(packet, ip_hlen, tcp_hlen, payload, (seq + payload) & 0xFFFFFFFF, match, psh=psh)
-        run.payloads.append(memoryview(packet)[ip_hlen + tcp_hlen :])
-        run.size = payload
-        open_runs[flow] = run
-        slots.append(run)
-    return [slot if isinstance(slot, tuple) else _emit(slot) for slot in slots]
-
-
-def _flow_of(packet: bytes) -> bytes:
-    if packet[0] >> 4 == 4:
-        ihl = (packet[0] & 0x0F) * 4
-        return packet[12:20] + packet[ihl : ihl + 4]
-    return packet[8:44]
-
-
-def _emit(run: _Run) -> tuple[bytes, bytes]:
-    if len(run.payloads) == 1:
-        return ZERO_VNET_BYTES, run.first
-    first, ip_hlen, hlen = run.first, run.ip_hlen, run.ip_hlen + run.tcp_hlen
-    head = bytearray(first[:hlen])
-    version = head[0] >> 4
-    total = hlen + run.size
-    _set_ip_length(head, version, ip_hlen, total)
-    if version == 4:
-        _ipv4_header_checksum(head, ip_hlen)  # the IP header only, not the TCP header behind it
-        addr_sum = sum16(head[12:20])
-    else:
-        addr_sum = sum16(head[8:40])
-    if run.psh:
-        head[ip_hlen + 13] |= TCP_PSH
-    pseudo = fold(addr_sum + PROTO_TCP + total - ip_hlen)
-    head[ip_hlen + 16 : ip_hlen + 18] = pseudo.to_bytes(2, "big")
-    vnet = VnetHeader(
-        VNET_F_NEEDS_CSUM,
-        GSO_TCPV4 if version == 4 else GSO_TCPV6,
-        hlen,
-        run.gso_size,
-        ip_hlen,
-        TCP_CSUM_OFFSET,
-    )
-    return vnet.pack(), b"".join((head, *run.payloads))

@@ -6,7 +6,7 @@ Opened with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`` (optionally ``IFF_MULTI_QUEUE
 ``struct virtio_net_hdr`` before the IP packet (``Documentation/networking/tuntap.rst``,
 ``include/uapi/linux/if_tun.h``). The kernel may then hand over TCP super-packets of up to 64 KB
 (split them with :func:`qgate.dataplane.offload.split_tso`) and accepts coalesced TCP
-super-packets on write (made by :func:`qgate.dataplane.offload.coalesce_tcp`). If the kernel
+super-packets on write (made by :func:`qgate.dataplane.coalesce.coalesce`). If the kernel
 refuses the vnet header, the device falls back to a plain TUN (logged once): reads then return
 a zero header and GSO writes are split in user space, so callers need no second code path.
 """
@@ -21,12 +21,13 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
+from qgate.dataplane.coalesce import coalesce
 from qgate.dataplane.offload import (
+    GSO_UDP_L4,
     VNET_HDR_SIZE,
     ZERO_VNET,
     ZERO_VNET_BYTES,
     VnetHeader,
-    coalesce_tcp,
     parse_vnet_header,
     split_tso,
 )
@@ -97,6 +98,7 @@ class VnetTun:
         self.offloads = offloads
         self.multi_queue = multi_queue
         self._closed = False
+        self._merge_udp = bool(offloads & (TUN_F_USO4 | TUN_F_USO6))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"fd={self.fd}"
@@ -224,8 +226,16 @@ class VnetTun:
             return
         self._write_all([vnet_header, packet], VNET_HDR_SIZE + len(packet))
 
-    def write_packets(self, packets: Sequence[bytes], *, verify: bool = True) -> int:
-        """Coalesce ``packets`` (see :func:`~qgate.dataplane.offload.coalesce_tcp`) and write them.
+    def write_packets(self, packets: Sequence[bytes], *, verify: bool = False) -> int:
+        """Coalesce ``packets`` (see :func:`~qgate.dataplane.coalesce.coalesce`) and write them.
+
+        UDP datagrams are merged only when the kernel took USO (``TUN_F_USO4|TUN_F_USO6``, Linux
+        6.2+). If it still refuses a UDP super-packet, that one is written datagram by datagram
+        and UDP merging stays off (logged once): the same packets arrive either way.
+
+        Args:
+            packets: whole IP packets, in order.
+            verify: merge only packets whose transport checksum verifies (for unvouched sources).
 
         Returns:
             The number of writes the kernel refused (each may hold many packets); logged at debug.
@@ -233,11 +243,27 @@ class VnetTun:
         if not self.vnet:
             items = [(ZERO_VNET_BYTES, p) for p in packets]
         else:
-            items = coalesce_tcp(packets, verify=verify)
+            items = coalesce(packets, udp=self._merge_udp, verify=verify)
         errors = 0
         for header, packet in items:
             try:
                 self.write(header, packet)
+            except DataPlaneError as exc:
+                if header[1] == GSO_UDP_L4 and self._merge_udp:
+                    self._merge_udp = False
+                    log.warning("TUN %s refused UDP super-packets (%s); one write each", self.name, exc)
+                    errors += self._write_split(header, packet)
+                    continue
+                log.debug("%s", exc)
+                errors += 1
+        return errors
+
+    def _write_split(self, header: bytes, packet: bytes) -> int:
+        """Write a refused super-packet as its real packets; return the writes refused."""
+        errors = 0
+        for part in split_tso(parse_vnet_header(header), packet):
+            try:
+                self._write_all([ZERO_VNET_BYTES, part], VNET_HDR_SIZE + len(part))
             except DataPlaneError as exc:
                 log.debug("%s", exc)
                 errors += 1
