@@ -50,7 +50,7 @@ Item = tuple[bytes, bytes]
 """``(vnet header (10 bytes), IP packet)``: one ``write`` to the TUN."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     """An open coalescing group: consecutive packets of one flow, in order.
 
@@ -86,12 +86,17 @@ def _ip(packet: bytes, proto: int) -> tuple[int, bytes, object] | None:
     return None
 
 
-def _tcp_run(packet: bytes, verify: bool) -> _Run | None:
-    """A one-segment run for a coalescable TCP segment (data, flags ACK or ACK|PSH), else None."""
+_Info = tuple[int, int, int, int, tuple[object, ...], bool, bytes]
+"""``(protocol, ip header length, l4 header length, payload bytes, match fields, PSH, flow key)``
+of a packet that may be merged; for TCP the sequence number follows as a separate value."""
+
+
+def _tcp_info(packet: bytes, verify: bool) -> tuple[_Info, int] | None:
+    """``(info, sequence number)`` of a coalescable TCP segment (data, ACK or ACK|PSH), else None."""
     ip = _ip(packet, PROTO_TCP)
     if ip is None or len(packet) < ip[0] + 20:
         return None
-    ip_hlen, _, ip_match = ip
+    ip_hlen, flow, ip_match = ip
     seq, ack, offset, flags, window = _TCP_FIXED.unpack_from(packet, ip_hlen)
     tcp_hlen = (offset >> 4) * 4
     payload = len(packet) - ip_hlen - tcp_hlen
@@ -102,46 +107,45 @@ def _tcp_run(packet: bytes, verify: bool) -> _Run | None:
     # ack number, data offset, window and options must all be equal (kernel tcp_gro_receive).
     options = packet[ip_hlen + 20 : ip_hlen + tcp_hlen] if tcp_hlen > 20 else b""
     match = (ip_match, ack, offset, window, options)
-    run = _Run(packet, PROTO_TCP, ip_hlen, tcp_hlen, payload, (seq + payload) & 0xFFFFFFFF, match)
-    run.psh = flags == TCP_ACK | TCP_PSH
-    return run
+    return (PROTO_TCP, ip_hlen, tcp_hlen, payload, match, flags == TCP_ACK | TCP_PSH, flow), seq
 
 
-def _udp_run(packet: bytes, verify: bool) -> _Run | None:
-    """A one-datagram run for a UDP datagram with a payload and a consistent length, else None."""
+def _udp_info(packet: bytes, verify: bool) -> _Info | None:
+    """The info of a UDP datagram with a payload and a consistent length, else None."""
     ip = _ip(packet, PROTO_UDP)
     if ip is None:
         return None
-    ip_hlen, _, ip_match = ip
+    ip_hlen, flow, ip_match = ip
     payload = len(packet) - ip_hlen - 8
     if payload < 1 or _U16.unpack_from(packet, ip_hlen + 4)[0] != payload + 8:
         return None
     if verify and not transport_checksum_ok(packet):
         return None
-    return _Run(packet, PROTO_UDP, ip_hlen, 8, payload, 0, (ip_match,))
+    return PROTO_UDP, ip_hlen, 8, payload, (ip_match,), False, flow
 
 
-def _append(run: _Run, new: _Run, max_size: int) -> bool:
-    """Add ``new`` (one packet) to ``run`` if the kernel's GRO would; return whether it did."""
+def _append(run: _Run, packet: bytes, info: _Info, seq: int, max_size: int) -> bool:
+    """Add ``packet`` to ``run`` if the kernel's GRO would; return whether it did."""
+    proto, ip_hlen, l4_hlen, payload, match, psh, _ = info
     if (
-        run.proto != new.proto
+        run.proto != proto
         or run.psh
         or run.short
-        or new.match != run.match
-        or new.gso_size > run.gso_size
-        or run.ip_hlen + run.l4_hlen + run.size + new.gso_size > max_size
+        or match != run.match
+        or payload > run.gso_size
+        or run.ip_hlen + run.l4_hlen + run.size + payload > max_size
     ):
         return False
-    if run.proto == PROTO_TCP:
-        if (new.next_seq - new.gso_size) & 0xFFFFFFFF != run.next_seq:
+    if proto == PROTO_TCP:
+        if seq != run.next_seq:
             return False
-        run.next_seq = new.next_seq
-        run.psh = new.psh
+        run.next_seq = (seq + payload) & 0xFFFFFFFF
+        run.psh = psh
     elif len(run.payloads) >= UDP_MAX_SEGMENTS:
         return False
-    run.payloads.append(memoryview(new.first)[new.ip_hlen + new.l4_hlen :])
-    run.size += new.gso_size
-    run.short = new.gso_size < run.gso_size
+    run.payloads.append(memoryview(packet)[ip_hlen + l4_hlen :])
+    run.size += payload
+    run.short = payload < run.gso_size
     return True
 
 
@@ -191,27 +195,31 @@ def coalesce(
             slots.append((ZERO_VNET_BYTES, packet))
             continue
         proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
-        new = None
+        info: _Info | None = None
+        seq = 0
         if proto == PROTO_TCP:
-            new = _tcp_run(packet, verify)
+            found = _tcp_info(packet, verify)
+            if found is not None:
+                info, seq = found
         elif proto == PROTO_UDP and udp:
-            new = _udp_run(packet, verify)
-        if new is None:
-            if open_runs:
-                flow = _flow_key(packet)
-                if flow is not None:
-                    open_runs.pop(flow, None)
+            info = _udp_info(packet, verify)
+        if info is None:
+            if open_runs:  # any other packet of a flow closes its group
+                other = _flow_key(packet)
+                if other is not None:
+                    open_runs.pop(other, None)
             slots.append((ZERO_VNET_BYTES, packet))
             continue
-        flow = _flow_key(packet)
-        assert flow is not None  # a run is only made for a packet with a flow key
+        _, ip_hlen, l4_hlen, payload, match, psh, flow = info
         run = open_runs.get(flow)
-        if run is not None and _append(run, new, max_size):
+        if run is not None and _append(run, packet, info, seq, max_size):
             continue
-        new.payloads.append(memoryview(packet)[new.ip_hlen + new.l4_hlen :])
-        new.size = new.gso_size
-        open_runs[flow] = new
-        slots.append(new)
+        run = _Run(packet, proto, ip_hlen, l4_hlen, payload, (seq + payload) & 0xFFFFFFFF, match)
+        run.psh = psh
+        run.payloads.append(memoryview(packet)[ip_hlen + l4_hlen :])
+        run.size = payload
+        open_runs[flow] = run
+        slots.append(run)
     return [slot if isinstance(slot, tuple) else _emit(slot) for slot in slots]
 
 
