@@ -192,6 +192,7 @@ class Gateway:
         )
         self._tun: VnetTun | None = None
         self._fwd: Forwarder | None = None
+        self._tun_again = False
         self._idle_stats = ForwarderStats()
         self._sock: socket.socket | None = None
         self._net: NetHandle | None = None
@@ -343,8 +344,14 @@ class Gateway:
 
     # ----- data plane (qgate.dataplane.forwarder) -------------------------------------
     def _on_tun_readable(self) -> None:
-        if self._fwd is not None:
-            self._fwd.on_tun_readable(time.monotonic())
+        if self._fwd is not None and self._fwd.on_tun_readable(time.monotonic()) and not self._tun_again:
+            assert self._loop is not None
+            self._tun_again = True  # reads wait in the flow queue: come back after the other events
+            self._loop.call_soon(self._tun_continue)
+
+    def _tun_continue(self) -> None:
+        self._tun_again = False
+        self._on_tun_readable()
 
     def _on_udp_readable(self) -> None:
         if self._fwd is not None:

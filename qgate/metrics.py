@@ -58,6 +58,8 @@ GATEWAY_COUNTERS: Final[Mapping[str, str]] = {
     "drops_no_route": "Inner packets from the TUN with no peer route for their destination",
     "drops_send_error": "Datagrams the UDP socket failed to send",
     "drops_bad_offload": "TUN packets with an unusable offload (virtio-net) header",
+    "drops_aqm": "TUN reads dropped by the flow queue (CoDel standing-queue drops, byte limit), RFC 8290",
+    "ecn_marks": "TUN reads marked ECN CE by the flow queue instead of dropped (RFC 3168)",
     "drops_bad_checksum": "TCP/UDP packets from the TUN whose checksum failed (dropped before sealing)",
     "tun_write_errors": "Decrypted packets the TUN device failed to take",
 }

@@ -162,11 +162,13 @@ class UdpBatchIO:
                 failed += 1
         return failed
 
-    def recv_batch(self, max_calls: int = 64) -> list[tuple[bytes, Address]]:
+    def recv_batch(self, max_calls: int = 64, max_datagrams: int = 1 << 30) -> list[tuple[bytes, Address]]:
         """Receive what is waiting (up to ``max_calls`` ``recvmsg`` calls), GRO aggregates split.
 
         Args:
-            max_calls: receive calls before returning (bounds the time spent, not the count).
+            max_calls: receive calls before returning.
+            max_datagrams: stop calling once this many datagrams are in hand (one GRO aggregate
+                may overshoot it by up to 63).
 
         Returns:
             ``[(datagram, source address), ...]`` in arrival order; empty when nothing waits.
@@ -176,6 +178,8 @@ class UdpBatchIO:
         out: list[tuple[bytes, Address]] = []
         sock = self.sock
         for _ in range(max_calls):
+            if len(out) >= max_datagrams:
+                break
             try:
                 data, ancdata, _flags, address = sock.recvmsg(RECV_BUFFER, _CMSG_SPACE)
             except (BlockingIOError, InterruptedError):
