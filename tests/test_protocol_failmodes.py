@@ -135,3 +135,20 @@ def test_a_withheld_r1_replayed_later_cannot_desynchronise_the_peers_for_long() 
     assert pair.send_both_ways(b"in sync") == (b"in sync", b"in sync")
     assert pair.slave.epochs.current is not None and pair.master.epochs.current is not None
     assert pair.slave.epochs.current.number == pair.master.epochs.current.number
+
+
+def test_a_ratchet_in_flight_when_its_key_expires_becomes_a_full_handshake_at_once() -> None:
+    # Fail closed (qkd_and_pqc): the slave's KME refuses dec_keys for longer than max_key_age, so the
+    # master's last ratchet is still in flight when the key it ratchets from expires. The slave has
+    # dropped that epoch and can never accept the ratchet; the master must not keep retransmitting
+    # it until HANDSHAKE_TIMEOUT but start a full handshake, so keying returns soon after the KME.
+    for offset in (0.0, 0.25, 0.5, 0.75):
+        pair = Pair(interval=1.0, kem_interval=4.0, max_key_age=3.0)
+        pair.run(0.2 + offset)
+        pair.kme.slave_down = True
+        pair.run(4.0)
+        assert pair.master.mode == "closed"
+        pair.kme.slave_down = False
+        pair.run(2.5)  # RECOVERY in the lab drill: two intervals and a margin
+        got = pair.send_both_ways(b"back")
+        assert got == (b"back", b"back"), f"offset {offset}: keying not back 2.5 s after the KME"

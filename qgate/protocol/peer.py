@@ -264,6 +264,16 @@ class Peer:
             self._slave_timer(now)
             return
         pending = self._pending
+        current = self.epochs.current
+        base_gone = current is None or not self.epochs.usable(current, now)
+        if pending is not None and pending.kind == "rk" and base_gone:
+            # The key this ratchet steps from is past max_key_age: the slave has dropped it and can
+            # never accept the ratchet. A full handshake now, not retransmissions until the timeout.
+            self._event("ratchet_abandoned", reason="the key it ratchets from passed max_key_age")
+            self.stats.handshake_failures += 1
+            self._pending = None
+            self._begin(now, "hs")
+            return
         if pending is not None:
             if now >= self._exchange_deadline(pending):
                 self._abandon(pending, now, "timeout")
@@ -271,8 +281,7 @@ class Peer:
                 self._actions.extend(SendDatagram(f) for f in pending.fragments)  # step HS-RT / RK-RT
                 pending.last_sent = now
             return
-        current = self.epochs.current
-        if current is None or not self.epochs.usable(current, now):  # never ratchet from an expired key
+        if current is None or base_gone:  # never ratchet from an expired key
             if self._next_attempt_at is None or now >= self._next_attempt_at:  # backoff after failures
                 self._begin(now, "hs")
         elif self._next_kem_at is not None and now >= self._next_kem_at:
