@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -126,3 +128,31 @@ def test_split_tso_output_recoalesces_for_a_64k_super_packet() -> None:
     merged = coalesce(split_tso(header, packet))
     assert len(merged) == 1 and merged[0][1][header.hdr_len :] == packet[header.hdr_len :]
     assert off.fold(0) == 0
+
+
+def test_a_tun_that_refuses_udp_super_packets_gets_every_datagram_one_by_one_and_merging_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qgate.dataplane.tunio import VnetTun
+    from qgate.errors import DataPlaneError
+
+    read_fd, write_fd = os.pipe()
+    tun = VnetTun(write_fd, "qgtest0", vnet=True, offloads=0x6F, multi_queue=False)
+    written: list[bytes] = []
+
+    def kernel(parts: list[bytes], size: int) -> None:  # an old kernel: GSO_UDP_L4 writes are refused
+        if parse_vnet_header(parts[0]).gso_type == GSO_UDP_L4:
+            raise DataPlaneError("write to TUN device qgtest0 failed: Invalid argument")
+        written.append(parts[1])
+
+    tun._write_all = kernel  # type: ignore[method-assign]
+    datagrams = _datagrams(150)
+    try:
+        assert tun.write_packets(datagrams) == 0
+        assert tun.write_packets(datagrams) == 0
+    finally:
+        tun.close()
+        os.close(read_fd)
+    assert [p[28:] for p in written] == [d[28:] for d in datagrams] * 2  # all of them, in order
+    assert all(transport_checksum_ok(p) for p in written)
+    assert sum("refused UDP super-packets" in r.getMessage() for r in caplog.records) == 1

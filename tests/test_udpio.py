@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -91,3 +93,41 @@ def test_group_equal_runs_ends_a_group_after_a_shorter_datagram_and_at_64_segmen
 
 def test_recv_batch_returns_empty_when_nothing_waits(pair: tuple[socket.socket, socket.socket]) -> None:
     assert UdpBatchIO(pair[0]).recv_batch() == []
+
+
+FRAGMENT_SCRIPT = r"""
+import json, logging, socket, subprocess, io
+from qgate.dataplane.udpio import UdpBatchIO
+log = io.StringIO()
+logging.basicConfig(stream=log, level=logging.WARNING)
+for cmd in (["ip", "link", "add", "qgf0", "type", "veth", "peer", "name", "qgf1"],
+            ["ip", "link", "set", "qgf0", "mtu", "1400", "up"], ["ip", "link", "set", "qgf1", "up"],
+            ["ip", "addr", "add", "10.79.0.1/24", "dev", "qgf0"]):
+    subprocess.run(cmd, check=True)
+def frag_creates():
+    lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Ip:")]
+    return int(lines[1][lines[0].index("FragCreates")])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+before = frag_creates()
+out = {}
+for gso in (True, False):
+    udp = UdpBatchIO(sock, gso=gso, gro=False)
+    out[f"fits_{gso}"] = udp.send_batch([b"x" * 1372] * 3, ("10.79.0.2", 9))   # 1400-byte IP packets
+    out[f"too_big_{gso}"] = udp.send_batch([b"x" * 1373] * 3, ("10.79.0.2", 9))  # 1401: needs fragments
+out["fragments"] = frag_creates() - before
+out["warnings"] = log.getvalue().count("does not fit the path MTU")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+def test_records_over_the_path_mtu_are_dropped_and_never_ip_fragmented(
+    netns: Callable[[str], str], ns_python: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    result = ns_python(netns("f"), FRAGMENT_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["fits_True"] == out["fits_False"] == 0
+    assert out["too_big_True"] == out["too_big_False"] == 3  # counted as send errors by the caller
+    assert out["fragments"] == 0
+    assert out["warnings"] == 2  # once per UdpBatchIO (one per gateway socket), not once per datagram

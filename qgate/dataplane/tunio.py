@@ -249,9 +249,10 @@ class VnetTun:
             try:
                 self.write(header, packet)
             except DataPlaneError as exc:
-                if header[1] == GSO_UDP_L4 and self._merge_udp:
-                    self._merge_udp = False
-                    log.warning("TUN %s refused UDP super-packets (%s); one write each", self.name, exc)
+                if header[1] == GSO_UDP_L4:  # the kernel takes no USO writes: split this one, merge no more
+                    if self._merge_udp:
+                        self._merge_udp = False
+                        log.warning("TUN %s refused UDP super-packets (%s); one write each", self.name, exc)
                     errors += self._write_split(header, packet)
                     continue
                 log.debug("%s", exc)

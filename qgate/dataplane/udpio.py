@@ -34,6 +34,13 @@ GSO_MAX_PAYLOAD: Final = 65507
 """Bytes of UDP payload per GSO send: 65535 - 20 (IPv4 header) - 8 (UDP header)."""
 RECV_BUFFER: Final = 65535
 """Bytes asked for per ``recvmsg``: the largest GRO aggregate (or datagram)."""
+IP_MTU_DISCOVER: Final = 10
+"""Socket option (``linux/in.h``): path-MTU discovery mode of an IPv4 socket."""
+IPV6_MTU_DISCOVER: Final = 23
+"""Socket option (``linux/in6.h``): path-MTU discovery mode of an IPv6 socket."""
+PMTUDISC_DO: Final = 2
+"""``IP_PMTUDISC_DO`` / ``IPV6_PMTUDISC_DO``: always set DF; a datagram over the path MTU fails
+with EMSGSIZE instead of leaving as IP fragments."""
 _REFUSED: Final = frozenset({errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP})
 """errno values meaning "this kernel/device cannot do UDP GSO": fall back for good."""
 EINVAL_LIMIT: Final = 8
@@ -92,6 +99,8 @@ class UdpBatchIO:
         self.gso = gso
         self.gro = False
         self._einval = 0
+        self._too_big_logged = False
+        never_fragment(sock)
         if gro:
             try:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
@@ -127,7 +136,7 @@ class UdpBatchIO:
                     self._refused(exc)
                     failed += self._send_plain(datagrams[start:stop], address, marks)
                 else:
-                    log.debug("UDP GSO send failed: %s", exc)
+                    self._failed(exc, len(datagrams[start]), address)
                     failed += stop - start
         return failed
 
@@ -158,9 +167,22 @@ class UdpBatchIO:
                 else:
                     self.sock.sendto(datagram, address)
             except OSError as exc:
-                log.debug("UDP send failed: %s", exc)
+                self._failed(exc, len(datagram), address)
                 failed += 1
         return failed
+
+    def _failed(self, exc: OSError, size: int, address: Address) -> None:
+        """Log a failed send: at debug, except the first datagram too big for the path (warning)."""
+        if exc.errno == errno.EMSGSIZE and not self._too_big_logged:
+            self._too_big_logged = True
+            log.warning(
+                "a %d-byte record does not fit the path MTU towards %s and is dropped, never fragmented: "
+                "lower tun.mtu (the WAN must carry tun.mtu + 60 bytes over IPv4, + 80 over IPv6)",
+                size,
+                address[0],
+            )
+            return
+        log.debug("UDP send failed: %s", exc)
 
     def recv_batch(self, max_calls: int = 64, max_datagrams: int = 1 << 30) -> list[tuple[bytes, Address]]:
         """Receive what is waiting (up to ``max_calls`` ``recvmsg`` calls), GRO aggregates split.
@@ -194,6 +216,20 @@ class UdpBatchIO:
             else:
                 out.append((data, address))
         return out
+
+
+def never_fragment(sock: socket.socket) -> None:
+    """Set DF on every datagram of ``sock`` (``IP_PMTUDISC_DO``): records are never IP-fragmented.
+
+    A record larger than the path MTU then fails with EMSGSIZE (counted as a send error) instead
+    of crossing the WAN in fragments (issue 5; docs/protocol.md section 2.1). Not available: logged.
+    """
+    v6 = sock.family == socket.AF_INET6
+    level, option = (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER) if v6 else (socket.IPPROTO_IP, IP_MTU_DISCOVER)
+    try:
+        sock.setsockopt(level, option, PMTUDISC_DO)
+    except OSError as exc:
+        log.warning("cannot forbid IP fragmentation on the UDP socket (%s)", exc.strerror)
 
 
 def _gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:
