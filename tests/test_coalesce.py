@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import raw
@@ -156,3 +158,54 @@ def test_a_tun_that_refuses_udp_super_packets_gets_every_datagram_one_by_one_and
     assert [p[28:] for p in written] == [d[28:] for d in datagrams] * 2  # all of them, in order
     assert all(transport_checksum_ok(p) for p in written)
     assert sum("refused UDP super-packets" in r.getMessage() for r in caplog.records) == 1
+
+
+def _flow_packets(kind: str, flow: int, size: int, seq: int) -> bytes:
+    """One packet of a small test universe: TCP data/ACK, UDP (any size), ICMP, IP options."""
+    ip = IP(src=f"10.1.0.{2 + flow % 2}", dst="10.2.0.2")
+    if kind == "tcp":
+        return raw(ip / TCP(sport=40000 + flow, dport=80, seq=seq, flags="A") / (b"t" * size))
+    if kind == "ack_with_ip_options":
+        ip.options = b"\x01\x01\x01\x00"
+        return raw(ip / TCP(sport=40000 + flow, dport=80, seq=seq, flags="A"))
+    if kind == "udp":
+        return raw(ip / UDP(sport=50000 + flow, dport=53) / (bytes([seq % 256]) * size))
+    if kind == "udp6":
+        return raw(IPv6(src="fd00::2", dst="fd00::9") / UDP(sport=50000 + flow, dport=53) / (b"6" * size))
+    ip.proto = 1
+    return raw(ip / (b"\x08\x00\x00\x00" + bytes(size)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["tcp", "ack_with_ip_options", "udp", "udp6", "icmp"]),
+            st.integers(0, 2),
+            st.sampled_from([0, 1, 40, 100, 100, 100]),
+        ),
+        max_size=40,
+    ),
+    st.booleans(),
+)
+def test_coalesce_then_split_gives_every_flow_its_packets_back_in_order(
+    stream: list[tuple[str, int, int]], udp: bool
+) -> None:
+    seqs: dict[int, int] = {}
+    packets = []
+    for kind, flow, size in stream:
+        seq = seqs.get(flow, 1000)
+        packets.append(_flow_packets(kind, flow, size, seq))
+        seqs[flow] = seq + (size if kind == "tcp" else 0)
+    again = [p for h, packet in coalesce(packets, udp=udp) for p in split_tso(parse_vnet_header(h), packet)]
+
+    def per_flow(items: list[bytes]) -> dict[bytes, list[bytes]]:
+        flows: dict[bytes, list[bytes]] = {}
+        for p in items:
+            v4 = p[0] >> 4 == 4
+            ihl = (p[0] & 0x0F) * 4 if v4 else 40
+            key = (p[12:20] if v4 else p[8:40]) + bytes([p[9] if v4 else p[6]]) + p[ihl : ihl + 4]
+            flows.setdefault(key, []).append(p[ihl + (8 if (p[9] if v4 else p[6]) == 17 else 0) :])
+        return flows
+
+    assert per_flow(again) == per_flow(packets)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 from scapy.packet import Packet, raw
 
 from qgate.dataplane import offload as off
@@ -230,3 +230,38 @@ def test_tcp_and_udp_checksums_are_vouched_by_the_kernel_flags_or_verified_when_
     assert off.checksum_vouched(off.ZERO_VNET, bytes(udp))
     icmp = raw(IP(src="10.1.0.2", dst="10.2.0.2", proto=1) / b"\x08\x00\xff\xff")
     assert off.checksum_vouched(off.ZERO_VNET, icmp)  # not merged by the receiver: not checked
+
+
+def test_split_tso_refuses_headers_that_lie_and_never_raises_anything_else() -> None:
+    header, packet = kernel_super_packet(4, os.urandom(3000), 1000)
+    lies = [
+        (VnetHeader(0, 0x85, 0, 7, 20, 16), b"E"),  # shorter than an IP header
+        (header._replace(flags=0), packet),  # GSO without NEEDS_CSUM
+        (header._replace(gso_type=GSO_UDP_L4, csum_offset=6), packet),  # UDP GSO on a TCP packet
+        (header._replace(csum_offset=6), packet),  # the checksum is not where TCP keeps it
+        (header._replace(csum_start=0), packet),
+        (header, packet[:-1]),  # IPv4 total length says one byte more
+    ]
+    udp_header, udp_packet = kernel_super_packet(4, os.urandom(3000), 1000, udp=True)
+    lying_udp = bytearray(udp_packet)
+    lying_udp[24:26] = (100).to_bytes(2, "big")
+    lies.append((udp_header, bytes(lying_udp)))  # UDP length field lies
+    for vnet, data in lies:
+        with pytest.raises(DataPlaneError):
+            split_tso(vnet, data)
+
+
+def test_split_tso_keeps_ipv6_extension_headers_in_the_payload_length() -> None:
+    payload = os.urandom(3000)
+    tcp = TCP(sport=40000, dport=5201, seq=SEQ0, ack=77, flags="PA", window=1000)
+    packet = bytearray(raw(IPv6(src="fd00::2", dst="fd00:2::2") / IPv6ExtHdrDestOpt() / tcp / payload))
+    start = 48
+    pseudo = off.fold(off.sum16(packet[8:40]) + 6 + len(packet) - start)  # what the kernel leaves there
+    packet[start + 16 : start + 18] = pseudo.to_bytes(2, "big")
+    vnet = VnetHeader(VNET_F_NEEDS_CSUM, GSO_TCPV6, 0, 1000, start, 16)
+    segments = split_tso(vnet, bytes(packet))
+    assert len(segments) == 3
+    for seg in segments:
+        assert int.from_bytes(seg[4:6], "big") == len(seg) - 40
+        assert _scapy_checksums_match(seg)
+    assert b"".join(bytes(_parse(s)[TCP].payload) for s in segments) == payload

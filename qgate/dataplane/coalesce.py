@@ -149,15 +149,33 @@ def _append(run: _Run, packet: bytes, info: _Info, seq: int, max_size: int) -> b
     return True
 
 
-def _flow_key(packet: bytes) -> bytes | None:
-    """Addresses and ports of an IPv4 (no options) or IPv6 TCP/UDP packet, as the runs key them."""
-    if len(packet) < 40:
+_NO_FLOW: Final = b""
+"""Close key of a packet that belongs to no TCP/UDP flow (ICMP, garbage): it closes no group."""
+_IPV6_UPPER_NO_PORTS: Final = frozenset({58, 59})
+"""IPv6 next headers that end the chain without ports: ICMPv6, No Next Header."""
+
+
+def _close_key(packet: bytes) -> bytes | None:
+    """The group key a packet that cannot be merged must close, ``_NO_FLOW``, or None if unknown.
+
+    The key is addresses + ports as the groups use them. None (an IPv4 fragment, IPv6 extension
+    headers, a packet cut short) means the packet may belong to any group: all are closed.
+    """
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        if packet[9] not in (PROTO_TCP, PROTO_UDP):
+            return _NO_FLOW
+        ihl = (packet[0] & 0x0F) * 4
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF or ihl < 20 or len(packet) < ihl + 4:
+            return None
+        return packet[12:20] + packet[ihl : ihl + 4]
+    if version == 6 and len(packet) >= 40:
+        if packet[6] in _IPV6_UPPER_NO_PORTS:
+            return _NO_FLOW
+        if packet[6] in (PROTO_TCP, PROTO_UDP) and len(packet) >= 44:
+            return packet[8:44]
         return None
-    if packet[0] >> 4 == 4:
-        return packet[12:24] if packet[0] == 0x45 and packet[9] in (PROTO_TCP, PROTO_UDP) else None
-    if packet[0] >> 4 == 6 and len(packet) >= 44 and packet[6] in (PROTO_TCP, PROTO_UDP):
-        return packet[8:44]
-    return None
+    return _NO_FLOW if version not in (4, 6) else None
 
 
 def coalesce(
@@ -191,23 +209,23 @@ def coalesce(
     slots: list[Item | _Run] = []
     open_runs: dict[bytes, _Run] = {}
     for packet in packets:
-        if len(packet) < 28:
-            slots.append((ZERO_VNET_BYTES, packet))
-            continue
-        proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
         info: _Info | None = None
         seq = 0
-        if proto == PROTO_TCP:
-            found = _tcp_info(packet, verify)
-            if found is not None:
-                info, seq = found
-        elif proto == PROTO_UDP and udp:
-            info = _udp_info(packet, verify)
+        if len(packet) >= 28:
+            proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
+            if proto == PROTO_TCP:
+                found = _tcp_info(packet, verify)
+                if found is not None:
+                    info, seq = found
+            elif proto == PROTO_UDP and udp:
+                info = _udp_info(packet, verify)
         if info is None:
-            if open_runs:  # any other packet of a flow closes its group
-                other = _flow_key(packet)
-                if other is not None:
-                    open_runs.pop(other, None)
+            if open_runs:  # it keeps its place: no later packet of its flow may join an earlier group
+                key = _close_key(packet)
+                if key is None:
+                    open_runs.clear()
+                elif key:
+                    open_runs.pop(key, None)
             slots.append((ZERO_VNET_BYTES, packet))
             continue
         _, ip_hlen, l4_hlen, payload, match, psh, flow = info

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from qgate.dataplane.offload import VnetHeader, ipv4_header_checksum
+from qgate.dataplane.offload import PROTO_TCP, PROTO_UDP, VnetHeader, ipv4_header_checksum
 
 FLOWS: Final = 1024
 """Hash buckets (RFC 8290 section 5.1 and Linux fq_codel default)."""
@@ -29,7 +29,12 @@ TARGET: Final = 0.005
 INTERVAL: Final = 0.100
 """Seconds a queue may stay above TARGET before CoDel drops (RFC 8289 section 4.3)."""
 LIMIT_BYTES: Final = 8 * 1024 * 1024
-"""Bytes held at most; above it the fattest flow loses its head (RFC 8290 section 4.1.1)."""
+"""Bytes held at most; above it the fattest flow loses reads from its head (RFC 8290 4.1.1)."""
+LIMIT_ITEMS: Final = 10240
+"""Reads held at most (Linux fq_codel's default ``limit``), so small packets cannot pile up."""
+DROP_BATCH: Final = 64
+"""Reads dropped at most per overflow, half the fattest flow's backlog at most (as Linux does):
+one scan for the fattest flow per batch, not per read."""
 
 ECN_MASK: Final = 0x03
 ECN_NOT_ECT: Final = 0x00
@@ -64,15 +69,26 @@ class _Flow:
 
 
 def flow_hash(packet: bytes) -> int:
-    """Bucket of an IPv4/IPv6 packet from its addresses, protocol and (TCP/UDP) ports; 0 if none."""
+    """Bucket of an IPv4/IPv6 packet: addresses and protocol, plus the ports of TCP and UDP.
+
+    Ports count only where they are: not for other protocols (an ICMP echo's checksum would
+    scatter one ping over many buckets) nor for IPv4 fragments past the first, as Linux does.
+    Anything unparseable goes to bucket 0.
+    """
     if len(packet) < 20:
         return 0
     version = packet[0] >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) * 4
-        key = packet[9:10] + packet[12:20] + packet[ihl : ihl + 4]
+        proto = packet[9]
+        key = packet[9:10] + packet[12:20]
+        ports = proto in (PROTO_TCP, PROTO_UDP) and not packet[6] & 0x1F and not packet[7]
+        if ports and len(packet) >= ihl + 4:
+            key += packet[ihl : ihl + 4]
     elif version == 6 and len(packet) >= 40:
-        key = packet[6:7] + packet[8:40] + packet[40:44]
+        key = packet[6:7] + packet[8:40]
+        if packet[6] in (PROTO_TCP, PROTO_UDP) and len(packet) >= 44:
+            key += packet[40:44]
     else:
         return 0
     return hash(key) % FLOWS
@@ -81,7 +97,7 @@ def flow_hash(packet: bytes) -> int:
 def mark_ce(packet: bytes) -> bytes | None:
     """Return ``packet`` with ECN set to CE (RFC 3168 section 5), or None if it is not ECN-capable."""
     version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 20:
+    if version == 4 and 20 <= (packet[0] & 0x0F) * 4 <= len(packet):
         if packet[1] & ECN_MASK == ECN_NOT_ECT:
             return None
         out = bytearray(packet)
@@ -118,12 +134,14 @@ class FairQueue:
         self.target, self.interval, self.limit_bytes, self.ecn = target, interval, limit_bytes, ecn
         self.stats = FqStats()
         self.backlog = 0
+        self.items = 0
+        self.max_packet = QUANTUM
         self._flows: dict[int, _Flow] = {}
         self._new: deque[_Flow] = deque()
         self._old: deque[_Flow] = deque()
 
     def __len__(self) -> int:
-        return sum(len(f.queue) for f in self._flows.values())
+        return self.items
 
     def enqueue(self, item: Item, now: float) -> None:
         """Queue one TUN read (timestamped ``now``); over the byte limit, drop from the fattest flow."""
@@ -134,14 +152,25 @@ class FairQueue:
         flow.queue.append((now, item))
         flow.backlog += len(packet)
         self.backlog += len(packet)
+        self.items += 1
+        self.max_packet = max(self.max_packet, len(packet))
         if not flow.active:
             flow.active = True
             flow.deficit = QUANTUM
             self._new.append(flow)
-        while self.backlog > self.limit_bytes:
-            fattest = max(self._flows.values(), key=lambda f: f.backlog)
-            self._pop(fattest)
+        while self.backlog > self.limit_bytes or self.items > LIMIT_ITEMS:
+            self._drop_from_fattest()
+
+    def _drop_from_fattest(self) -> None:
+        """Drop up to ``DROP_BATCH`` reads, and up to half its bytes, from the head of the fattest flow."""
+        fattest = max(self._flows.values(), key=lambda f: f.backlog)
+        goal = fattest.backlog // 2
+        for _ in range(DROP_BATCH):
+            if self._pop(fattest) is None:
+                break
             self.stats.drops_overlimit += 1
+            if fattest.backlog <= goal:
+                break
 
     def dequeue(self, budget: int, now: float) -> list[Item]:
         """Return queued reads in service order until ``budget`` bytes are out or the queue is empty.
@@ -187,6 +216,7 @@ class FairQueue:
         size = len(entry[1][1])
         flow.backlog -= size
         self.backlog -= size
+        self.items -= 1
         return entry
 
     def _codel_dequeue(self, flow: _Flow, now: float) -> Item | None:
@@ -234,7 +264,7 @@ class FairQueue:
         return entry[1]
 
     def _ok_to_drop(self, flow: _Flow, enqueued: float, now: float) -> bool:
-        if now - enqueued < self.target or flow.backlog <= QUANTUM:
+        if now - enqueued < self.target or flow.backlog <= self.max_packet:
             flow.first_above = 0.0
             return False
         if flow.first_above == 0.0:

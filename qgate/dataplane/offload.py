@@ -220,7 +220,7 @@ def finish_checksum(vnet: VnetHeader, packet: bytes) -> bytes:
     initial = int.from_bytes(out[at : at + 2], "big")
     out[at : at + 2] = b"\0\0"
     csum = internet_checksum(memoryview(out)[start:], initial)
-    if csum == 0 and len(out) > 9 and _l4_proto(out) == PROTO_UDP:
+    if csum == 0 and vnet.csum_offset == UDP_CSUM_OFFSET:  # UDP sends 0 as 0xFFFF (RFC 768)
         csum = 0xFFFF
     out[at : at + 2] = csum.to_bytes(2, "big")
     return bytes(out)
@@ -253,18 +253,34 @@ def _l4_proto(packet: bytes | bytearray) -> int:
 
 
 def _gso_layout(vnet: VnetHeader, packet: bytes) -> tuple[int, int, int, int]:
-    """Return ``(version, ip header length, l4 header length, protocol)`` for a GSO packet."""
+    """Return ``(version, ip header length, l4 header length, protocol)`` for a GSO packet.
+
+    The header is not trusted: the GSO type must match the IP version and (without IPv6
+    extension headers) the IP protocol, ``csum_start`` must be where the transport header
+    starts and ``csum_offset`` where its checksum is, and the IP length field must match the
+    bytes read. Any mismatch raises :class:`DataPlaneError`.
+    """
     kind = vnet.gso_type & ~GSO_ECN
-    version = packet[0] >> 4 if packet else 0
+    if len(packet) < 20:
+        raise DataPlaneError(f"GSO packet of {len(packet)} bytes is shorter than an IP header")
+    if not vnet.flags & VNET_F_NEEDS_CSUM:
+        raise DataPlaneError("GSO packet without VIRTIO_NET_HDR_F_NEEDS_CSUM")
+    version = packet[0] >> 4
     start = vnet.csum_start
+    proto = PROTO_UDP if kind == GSO_UDP_L4 else PROTO_TCP
     if (kind == GSO_TCPV4 and version != 4) or (kind == GSO_TCPV6 and version != 6):
         raise DataPlaneError(f"GSO type {kind} does not match IP version {version}")
     if version == 4:
-        if start != (packet[0] & 0x0F) * 4 or packet[6] & 0x3F or packet[7]:
+        if start != (packet[0] & 0x0F) * 4 or start < 20 or packet[6] & 0x3F or packet[7]:
             raise DataPlaneError("IPv4 GSO packet with csum_start != header length or fragmented")
-    elif version != 6 or start < 40:
+        if packet[9] != proto or int.from_bytes(packet[2:4], "big") != len(packet):
+            raise DataPlaneError("IPv4 GSO packet whose protocol or total length does not match")
+    elif version != 6 or start < 40 or len(packet) < 40:
         raise DataPlaneError("GSO packet is not IPv4/IPv6 or csum_start is inside the IP header")
-    proto = PROTO_UDP if kind == GSO_UDP_L4 else PROTO_TCP
+    elif int.from_bytes(packet[4:6], "big") != len(packet) - 40 or (start == 40 and packet[6] != proto):
+        raise DataPlaneError("IPv6 GSO packet whose payload length or next header does not match")
+    if vnet.csum_offset != (TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET):
+        raise DataPlaneError(f"GSO csum_offset {vnet.csum_offset} is not the transport checksum")
     if len(packet) < start + (20 if proto == PROTO_TCP else 8):
         raise DataPlaneError("GSO packet shorter than its headers")
     if proto == PROTO_TCP:
@@ -272,6 +288,8 @@ def _gso_layout(vnet: VnetHeader, packet: bytes) -> tuple[int, int, int, int]:
         if l4_hlen < 20 or len(packet) < start + l4_hlen:
             raise DataPlaneError("bad TCP header length in GSO packet")
         return version, start, l4_hlen, proto
+    if int.from_bytes(packet[start + 4 : start + 6], "big") != len(packet) - start:
+        raise DataPlaneError("UDP GSO packet whose UDP length does not match")
     return version, start, 8, proto
 
 
@@ -307,8 +325,8 @@ def split_tso(vnet: VnetHeader, packet: bytes, mss: int | None = None) -> list[b
         raise DataPlaneError("GSO packet with gso_size 0")
     version, ip_hlen, l4_hlen, proto = _gso_layout(vnet, packet)
     hlen = ip_hlen + l4_hlen
-    if len(packet) <= hlen + seg_size:
-        return [recompute_checksums(packet)]
+    if len(packet) <= hlen + seg_size:  # one segment: the kernel's headers stand, finish the sum
+        return [finish_checksum(vnet, packet)]
     return _segment(packet, version, ip_hlen, l4_hlen, proto, seg_size)
 
 
@@ -358,8 +376,8 @@ def _segment(packet: bytes, version: int, ip_hlen: int, l4_hlen: int, proto: int
             ip_id = (ip_id0 + i) & 0xFFFF
             pack_into("!HH", head, 2, hlen + n, ip_id)
             pack_into("!H", head, 10, ~fold(ip_fixed + hlen + n + ip_id) & 0xFFFF)
-        else:
-            pack_into("!H", head, 4, l4_hlen + n)
+        else:  # the payload length counts any extension headers between IPv6 and transport
+            pack_into("!H", head, 4, ip_hlen - 40 + l4_hlen + n)
         if tcp:
             seq = (seq0 + i * seg) & 0xFFFFFFFF
             flags = flags0 if i == last_index else flags0 & ~(TCP_FIN | TCP_PSH)

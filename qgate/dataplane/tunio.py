@@ -5,8 +5,8 @@ Opened with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`` (optionally ``IFF_MULTI_QUEUE
 (+ ``TUN_F_USO4 | TUN_F_USO6`` on Linux 6.2+), every read and write carries a 10-byte
 ``struct virtio_net_hdr`` before the IP packet (``Documentation/networking/tuntap.rst``,
 ``include/uapi/linux/if_tun.h``). The kernel may then hand over TCP super-packets of up to 64 KB
-(split them with :func:`qgate.dataplane.offload.split_tso`) and accepts coalesced TCP
-super-packets on write (made by :func:`qgate.dataplane.coalesce.coalesce`). If the kernel
+(split them with :func:`qgate.dataplane.offload.split_tso`) and accepts coalesced TCP (and, with
+USO, UDP) super-packets on write (made by :func:`qgate.dataplane.coalesce.coalesce`). If the kernel
 refuses the vnet header, the device falls back to a plain TUN (logged once): reads then return
 a zero header and GSO writes are split in user space, so callers need no second code path.
 """

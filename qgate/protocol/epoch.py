@@ -225,7 +225,7 @@ class EpochSet:
     def open(self, datagram: bytes, now: float) -> tuple[bytes, Epoch] | None:
         """Verify and decrypt a data datagram; return ``(plaintext, epoch)`` or None (counted).
 
-        Order (DESIGN.md, Data plane): epoch lookup, tag check, then the replay window.
+        Order (docs/protocol.md section 6): epoch lookup, tag check, then the replay window.
         """
         stats = self.stats
         if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
