@@ -44,8 +44,10 @@ if str(REPO / "tests") not in sys.path:  # and the test providers the recorded e
     sys.path.insert(1, str(REPO / "tests"))
 
 from qgate.constants import MSG_DATA  # noqa: E402
+from qgate.dataplane.coalesce import coalesce  # noqa: E402
+from qgate.dataplane.offload import GSO_ECN, GSO_NONE, parse_vnet_header, split_tso, transport_checksum_ok  # noqa: E402
 from qgate.dataplane.routing import RouteTable  # noqa: E402
-from qgate.errors import KmsBadAnswerError, PolicyError, RemoteProtocolError  # noqa: E402
+from qgate.errors import DataPlaneError, KmsBadAnswerError, PolicyError, RemoteProtocolError  # noqa: E402
 from qgate.kms import etsi014  # noqa: E402
 from qgate.policy import parse_policy  # noqa: E402
 from qgate.protocol import messages as m  # noqa: E402
@@ -59,10 +61,12 @@ from tests.fuzz_corpus import (  # noqa: E402
     EpochPair,
     Sample,
     build_messages,
+    coalesce_samples,
     etsi_objects,
     fragment_samples,
     ip_samples,
     message_fields,
+    offload_samples,
     policy_texts,
     route_table,
 )
@@ -430,6 +434,33 @@ def _epoch_generator(pair: EpochPair, pool: list[Sample]) -> Callable[[random.Ra
     return generate
 
 
+def _split_call(data: bytes) -> object:
+    """``split_tso`` of ``virtio_net_hdr || packet``; every segment of a GSO read must checksum right."""
+    vnet = parse_vnet_header(data[:10])
+    segments = split_tso(vnet, data[10:])
+    if vnet.gso_type & ~GSO_ECN != GSO_NONE and not all(transport_checksum_ok(s) for s in segments):
+        raise InvariantError("split_tso accepted a GSO read and produced a segment with a bad checksum")
+    return segments
+
+
+def _coalesce_call(data: bytes) -> object:
+    """``coalesce`` of length-prefixed packets; every merged packet must split back with good checksums."""
+    packets, at = [], 0
+    while at + 2 <= len(data):
+        size = int.from_bytes(data[at : at + 2], "big")
+        packets.append(data[at + 2 : at + 2 + size])
+        at += 2 + size
+    out = coalesce(packets, udp=True)
+    if sum(1 for h, _ in out if h[1] == GSO_NONE) > len(packets):
+        raise InvariantError("coalesce returned more packets than it was given")
+    for header, packet in out:
+        if header[1] == GSO_NONE:
+            continue
+        if not all(transport_checksum_ok(s) for s in split_tso(parse_vnet_header(header), packet)):
+            raise InvariantError("a merged packet does not split back into packets with good checksums")
+    return out
+
+
 def _policy_call(data: bytes) -> object:
     return parse_policy(data.decode("utf-8", "surrogateescape"), source=Path("/etc/qgate/site-a.yaml"))
 
@@ -482,6 +513,8 @@ def build_targets() -> list[Target]:
         Target("policy.parse_policy", (PolicyError,), policy_generator(policy_texts()), _policy_call),
         Target("routing.RouteTable.for_destination", (), gen(ip), _route_call(table, source=False)),
         Target("routing.RouteTable.for_source", (), gen(ip), _route_call(table, source=True)),
+        Target("offload.split_tso", (DataPlaneError,), gen(offload_samples(rng), keep=0.1), _split_call),
+        Target("coalesce.coalesce", (), gen(coalesce_samples(rng), keep=0.1), _coalesce_call),
     ]  # fmt: skip
     targets += _peer_targets(gen)
     return targets

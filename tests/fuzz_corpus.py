@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from qgate.crypto.secret import Secret
+from qgate.dataplane.offload import VNET_F_NEEDS_CSUM, VnetHeader, fold, split_tso, sum16
 from qgate.dataplane.routing import RouteTable
 from qgate.protocol import messages as m
 from qgate.protocol.epoch import Epoch, EpochSet
@@ -239,3 +240,66 @@ def policy_texts() -> list[str]:
     text = (REPO / "policies" / "site-a.yaml").read_text()
     bare = [re.sub(r"\s+#.*$|^#.*$", "", line) for line in text.splitlines()]
     return [text, "\n".join(line for line in bare if line.strip()) + "\n"]
+
+
+# --- data-plane samples ---------------------------------------------------------------------------
+
+_VNET_FIELDS: Final[Fields] = ((0, 1), (1, 1), (2, 2), (4, 2), (6, 2), (8, 2))
+"""flags, gso_type, hdr_len, gso_size, csum_start, csum_offset of the 10-byte virtio-net header."""
+
+
+def _super_packet(rng: random.Random, version: int, proto: int, payload: int, mss: int) -> bytes:
+    """``virtio_net_hdr || packet`` as a TUN with TSO/USO hands it over (partial checksum)."""
+    ip_hlen, l4_hlen = (20, 20) if proto == 6 else (20, 8)
+    if version == 6:
+        ip_hlen = 40
+    body = rng.randbytes(payload)
+    l4_len = l4_hlen + payload
+    if proto == 6:
+        l4 = struct.pack("!HHIIBBHHH", 40000, 5201, rng.getrandbits(32), 7, 5 << 4, 0x18, 500, 0, 0)
+    else:
+        l4 = struct.pack("!HHHH", 5000, 6000, l4_len, 0)
+    if version == 4:
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + l4_len, 9, 0x4000, 64, proto, 0,
+                                   bytes((10, 1, 0, 2)), bytes((10, 2, 0, 2))))  # fmt: skip
+        addr = sum16(ip[12:20])
+    else:
+        ip = bytearray(struct.pack("!IHBB16s16s", 0x60000000, l4_len, proto, 64, b"\xfd" + bytes(15),
+                                   b"\xfd" + bytes(14) + b"\x02"))  # fmt: skip
+        addr = sum16(ip[8:40])
+    at = 16 if proto == 6 else 6
+    l4b = bytearray(l4)
+    l4b[at : at + 2] = fold(addr + proto + l4_len).to_bytes(2, "big")
+    gso = (1 if version == 4 else 4) if proto == 6 else 5
+    vnet = VnetHeader(VNET_F_NEEDS_CSUM, gso, ip_hlen + l4_hlen, mss, ip_hlen, at).pack()
+    return vnet + bytes(ip) + bytes(l4b) + body
+
+
+def offload_samples(rng: random.Random) -> list[Sample]:
+    """TUN reads for ``split_tso``: TSO (IPv4, IPv6), USO, one-segment GSO and a plain packet."""
+    ip_fields = tuple((10 + a, n) for a, n in ((0, 1), (2, 2), (6, 2), (9, 1), (20, 2), (24, 2), (32, 1)))
+    out = [
+        Sample(_super_packet(rng, 4, 6, 3000, 1000), _VNET_FIELDS + ip_fields),
+        Sample(_super_packet(rng, 6, 6, 2500, 700), _VNET_FIELDS + ip_fields),
+        Sample(_super_packet(rng, 4, 17, 2400, 600), _VNET_FIELDS + ip_fields),
+        Sample(_super_packet(rng, 4, 6, 500, 1000), _VNET_FIELDS + ip_fields),
+    ]
+    out += [Sample(bytes(10) + s.data, s.fields) for s in ip_samples(rng)]
+    return out
+
+
+def coalesce_samples(rng: random.Random) -> list[Sample]:
+    """Batches of opened packets for ``coalesce``, each packet behind a 2-byte length prefix."""
+    out = []
+    for version, proto in ((4, 6), (4, 17), (6, 6)):
+        raw_read = _super_packet(rng, version, proto, 4000, 1000)
+        packets = split_tso(VnetHeader._make(struct.unpack("<BBHHHH", raw_read[:10])), raw_read[10:])
+        packets += [s.data for s in ip_samples(rng)[:2]]
+        if rng.random() < 0.3:
+            rng.shuffle(packets)
+        data, fields = b"", []
+        for packet in packets:
+            fields.append((len(data), 2))
+            data += len(packet).to_bytes(2, "big") + packet
+        out.append(Sample(data, tuple(fields)))
+    return out

@@ -252,6 +252,23 @@ def _l4_proto(packet: bytes | bytearray) -> int:
 # ----- segmentation (read path: TUN -> records) ----------------------------------------------
 
 
+_IPV6_EXTENSIONS: Final = frozenset({0, 43, 60})
+"""Hop-by-hop, Routing and Destination Options: length in 8-byte units after 8 (RFC 8200 4.3-4.6)."""
+
+
+def _ipv6_transport(packet: bytes) -> tuple[int, int]:
+    """``(offset, protocol)`` of the upper-layer header after IPv6 extension headers (-1, -1 if unknown).
+
+    Fragment headers and unknown extensions end the walk with (-1, -1): a GSO packet never has them.
+    """
+    offset, next_header = 40, packet[6]
+    while next_header in _IPV6_EXTENSIONS:
+        if len(packet) < offset + 8:
+            return -1, -1
+        next_header, offset = packet[offset], offset + (packet[offset + 1] + 1) * 8
+    return (offset, next_header) if next_header in (PROTO_TCP, PROTO_UDP) else (-1, -1)
+
+
 def _gso_layout(vnet: VnetHeader, packet: bytes) -> tuple[int, int, int, int]:
     """Return ``(version, ip header length, l4 header length, protocol)`` for a GSO packet.
 
@@ -277,8 +294,8 @@ def _gso_layout(vnet: VnetHeader, packet: bytes) -> tuple[int, int, int, int]:
             raise DataPlaneError("IPv4 GSO packet whose protocol or total length does not match")
     elif version != 6 or start < 40 or len(packet) < 40:
         raise DataPlaneError("GSO packet is not IPv4/IPv6 or csum_start is inside the IP header")
-    elif int.from_bytes(packet[4:6], "big") != len(packet) - 40 or (start == 40 and packet[6] != proto):
-        raise DataPlaneError("IPv6 GSO packet whose payload length or next header does not match")
+    elif int.from_bytes(packet[4:6], "big") != len(packet) - 40 or _ipv6_transport(packet) != (start, proto):
+        raise DataPlaneError("IPv6 GSO packet whose payload length or header chain does not match")
     if vnet.csum_offset != (TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET):
         raise DataPlaneError(f"GSO csum_offset {vnet.csum_offset} is not the transport checksum")
     if len(packet) < start + (20 if proto == PROTO_TCP else 8):
@@ -325,9 +342,27 @@ def split_tso(vnet: VnetHeader, packet: bytes, mss: int | None = None) -> list[b
         raise DataPlaneError("GSO packet with gso_size 0")
     version, ip_hlen, l4_hlen, proto = _gso_layout(vnet, packet)
     hlen = ip_hlen + l4_hlen
-    if len(packet) <= hlen + seg_size:  # one segment: the kernel's headers stand, finish the sum
-        return [finish_checksum(vnet, packet)]
+    if len(packet) <= hlen + seg_size:  # one segment: the kernel's headers stand; sum it from scratch
+        return [_transport_checksum(packet, version, ip_hlen, proto)]
     return _segment(packet, version, ip_hlen, l4_hlen, proto, seg_size)
+
+
+def _transport_checksum(packet: bytes, version: int, start: int, proto: int) -> bytes:
+    """Return ``packet`` with its TCP/UDP checksum (transport header at ``start``) computed anew.
+
+    The pseudo-header is built from the addresses, so whatever the checksum field held (the
+    kernel's partial sum, or garbage) does not matter; IPv6 extension headers before ``start``
+    are skipped, not summed (RFC 8200 section 8.1).
+    """
+    out = bytearray(packet)
+    at = start + (TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET)
+    out[at : at + 2] = b"\0\0"
+    addr_sum = sum16(out[12:20] if version == 4 else out[8:40])
+    csum = ~fold(addr_sum + proto + len(out) - start + sum16(memoryview(out)[start:])) & 0xFFFF
+    if proto == PROTO_UDP and csum == 0:
+        csum = 0xFFFF
+    out[at : at + 2] = csum.to_bytes(2, "big")
+    return bytes(out)
 
 
 def _segment(packet: bytes, version: int, ip_hlen: int, l4_hlen: int, proto: int, seg: int) -> list[bytes]:
