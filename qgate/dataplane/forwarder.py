@@ -1,6 +1,7 @@
 """The forwarding engine: TUN <-> sealed records <-> UDP, in batches, with offloads where the kernel has them.
 
-Outbound: read a (possibly TSO) super-packet from the TUN, split it into real MTU-sized IP packets
+Outbound: drain the TUN's (possibly TSO) super-packets into the flow queue (``fq.FairQueue``,
+FQ-CoDel), then take one budget of it, split each read into real MTU-sized IP packets
 (``offload.split_tso``), seal each as its own record (so one lost WAN datagram costs one inner
 packet), and send each peer's records with one UDP GSO ``sendmsg`` per run of equal sizes.
 Inbound: receive a GRO batch, open and replay-check each record on its own, then coalesce in-order
