@@ -351,7 +351,8 @@ class Gateway:
 
     def _tun_continue(self) -> None:
         self._tun_again = False
-        self._on_tun_readable()
+        if self._tun is not None:  # not after _close: the queued reads go with the device
+            self._on_tun_readable()
 
     def _on_udp_readable(self) -> None:
         if self._fwd is not None:
