@@ -24,60 +24,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from qgate.crypto.secret import Secret
-from qgate.dataplane.coalesce import coalesce as coalesce_packets
-from qgate.dataplane.offload import (
-    GSO_TCPV4,
-    VNET_F_NEEDS_CSUM,
-    VnetHeader,
-    fold,
-    split_tso,
-    sum16,
-)
-from qgate.protocol.epoch import Epoch, EpochSet
+REPO: Final = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make the repo's ``tests/fuzz_corpus.py`` importable
+    sys.path.insert(0, str(REPO))
+
+from qgate.dataplane.coalesce import coalesce as coalesce_packets  # noqa: E402
+from qgate.dataplane.offload import parse_vnet_header, split_tso, sum16  # noqa: E402
+from tests.fuzz_corpus import EpochPair, super_packet  # noqa: E402
 
 MSS: Final = 1368
 """Bytes of TCP payload per segment (lab MTU 1420 - 20 IP - 32 TCP with timestamps)."""
 SEGMENTS: Final = 47
-
-
-def super_packet() -> tuple[VnetHeader, bytes]:
-    """A 64 KB TCP/IPv4 super-packet with a partial checksum, as the kernel hands it over."""
-    tcp = bytearray(32)
-    tcp[0:4] = (40000).to_bytes(2, "big") + (5201).to_bytes(2, "big")
-    tcp[4:8] = (123456789).to_bytes(4, "big")
-    tcp[8:12] = (987).to_bytes(4, "big")
-    tcp[12] = 8 << 4
-    tcp[13] = 0x18
-    tcp[14:16] = (500).to_bytes(2, "big")
-    tcp[20:32] = b"\x01\x01\x08\x0a" + os.urandom(8)
-    payload = os.urandom(MSS * SEGMENTS)
-    total = 20 + 32 + len(payload)
-    ip = bytearray(b"\x45\x00" + total.to_bytes(2, "big") + b"\x12\x34\x40\x00\x40\x06\x00\x00")
-    ip += bytes((10, 1, 0, 2, 10, 2, 0, 2))
-    tcp[16:18] = fold(sum16(ip[12:20]) + 6 + 32 + len(payload)).to_bytes(2, "big")
-    return VnetHeader(VNET_F_NEEDS_CSUM, GSO_TCPV4, 52, MSS, 20, 16), bytes(ip + tcp + payload)
-
-
-def epoch_pair() -> tuple[EpochSet, EpochSet]:
-    """Two epoch sets that share one epoch's keys (sender, receiver)."""
-    k1, k2 = os.urandom(32), os.urandom(32)
-    sets = []
-    for send, recv, mine, peer in ((k1, k2, 1, 2), (k2, k1, 2, 1)):
-        epochs = EpochSet(max_key_age=1e9)
-        epoch = Epoch(number=1, my_index=mine, peer_index=peer, send_key=Secret(send), recv_key=Secret(recv),
-                      chaining_key=Secret(os.urandom(32)), created_at=0.0, kind="bench", key_ids=())
-        epochs.install_current(epoch, 0.0)
-        sets.append(epochs)
-    return sets[0], sets[1]
+TIMESTAMP: Final = b"\x01\x01\x08\x0a" + bytes(8)
+"""NOP, NOP, TCP timestamp option (12 bytes), as Linux sends on every segment."""
 
 
 def per_packet_us(fn: Callable[[], int], repeat: int) -> float:
@@ -96,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(argv)
-    vnet, packet = super_packet()
+    read = super_packet(random.Random(1), 4, 6, MSS * SEGMENTS, MSS, TIMESTAMP)
+    vnet, packet = parse_vnet_header(read[:10]), read[10:]
     segments = split_tso(vnet, packet)
-    sender, receiver = epoch_pair()
+    pair = EpochPair.build()
+    sender, receiver = pair.senders[1], pair.receiver  # the receiver's current epoch
     sealed = [sender.seal(s, 1.0) for s in segments * opts.rounds]
     datagrams = [d for d in sealed if d is not None]
     aead, nonce, one = AESGCM(os.urandom(32)), os.urandom(12), segments[0]

@@ -248,15 +248,24 @@ _VNET_FIELDS: Final[Fields] = ((0, 1), (1, 1), (2, 2), (4, 2), (6, 2), (8, 2))
 """flags, gso_type, hdr_len, gso_size, csum_start, csum_offset of the 10-byte virtio-net header."""
 
 
-def _super_packet(rng: random.Random, version: int, proto: int, payload: int, mss: int) -> bytes:
-    """``virtio_net_hdr || packet`` as a TUN with TSO/USO hands it over (partial checksum)."""
-    ip_hlen, l4_hlen = (20, 20) if proto == 6 else (20, 8)
+def super_packet(
+    rng: random.Random, version: int, proto: int, payload: int, mss: int, tcp_options: bytes = b""
+) -> bytes:
+    """``virtio_net_hdr || packet`` as a TUN with TSO/USO hands it over (partial checksum).
+
+    Args:
+        version: 4 or 6; proto: 6 (TCP, ACK|PSH) or 17 (UDP); payload, mss: bytes.
+        tcp_options: TCP options (a multiple of 4 bytes), e.g. a timestamp as Linux sends it.
+    """
+    ip_hlen, l4_hlen = (20, 20 + len(tcp_options)) if proto == 6 else (20, 8)
     if version == 6:
         ip_hlen = 40
     body = rng.randbytes(payload)
     l4_len = l4_hlen + payload
     if proto == 6:
-        l4 = struct.pack("!HHIIBBHHH", 40000, 5201, rng.getrandbits(32), 7, 5 << 4, 0x18, 500, 0, 0)
+        offset = (l4_hlen // 4) << 4
+        l4 = struct.pack("!HHIIBBHHH", 40000, 5201, rng.getrandbits(32), 7, offset, 0x18, 500, 0, 0)
+        l4 += tcp_options
     else:
         l4 = struct.pack("!HHHH", 5000, 6000, l4_len, 0)
     if version == 4:
@@ -279,10 +288,10 @@ def offload_samples(rng: random.Random) -> list[Sample]:
     """TUN reads for ``split_tso``: TSO (IPv4, IPv6), USO, one-segment GSO and a plain packet."""
     ip_fields = tuple((10 + a, n) for a, n in ((0, 1), (2, 2), (6, 2), (9, 1), (20, 2), (24, 2), (32, 1)))
     out = [
-        Sample(_super_packet(rng, 4, 6, 3000, 1000), _VNET_FIELDS + ip_fields),
-        Sample(_super_packet(rng, 6, 6, 2500, 700), _VNET_FIELDS + ip_fields),
-        Sample(_super_packet(rng, 4, 17, 2400, 600), _VNET_FIELDS + ip_fields),
-        Sample(_super_packet(rng, 4, 6, 500, 1000), _VNET_FIELDS + ip_fields),
+        Sample(super_packet(rng, 4, 6, 3000, 1000), _VNET_FIELDS + ip_fields),
+        Sample(super_packet(rng, 6, 6, 2500, 700), _VNET_FIELDS + ip_fields),
+        Sample(super_packet(rng, 4, 17, 2400, 600), _VNET_FIELDS + ip_fields),
+        Sample(super_packet(rng, 4, 6, 500, 1000), _VNET_FIELDS + ip_fields),
     ]
     out += [Sample(bytes(10) + s.data, s.fields) for s in ip_samples(rng)]
     return out
@@ -292,7 +301,7 @@ def coalesce_samples(rng: random.Random) -> list[Sample]:
     """Batches of opened packets for ``coalesce``, each packet behind a 2-byte length prefix."""
     out = []
     for version, proto in ((4, 6), (4, 17), (6, 6)):
-        raw_read = _super_packet(rng, version, proto, 4000, 1000)
+        raw_read = super_packet(rng, version, proto, 4000, 1000)
         packets = split_tso(VnetHeader._make(struct.unpack("<BBHHHH", raw_read[:10])), raw_read[10:])
         packets += [s.data for s in ip_samples(rng)[:2]]
         if rng.random() < 0.3:

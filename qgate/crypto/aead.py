@@ -16,13 +16,14 @@ from qgate.constants import AEAD_KEY_SIZE, AEAD_NONCE_SIZE, AEAD_TAG_SIZE
 from qgate.crypto.secret import Secret
 from qgate.errors import AuthenticationError, LocalProtocolError
 
-_NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
+NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
+"""The 4 bytes before the 8-byte big-endian record counter in every GCM nonce (protocol.md 2.1)."""
 _COUNTER_MAX: Final = (1 << 64) - 1
 
 
 def nonce_for(counter: int) -> bytes:
     """Return the 12-byte GCM nonce ``0x00000000 || counter`` (counter: 0 .. 2^64-1)."""
-    return _NONCE_PREFIX + counter.to_bytes(8, "big")
+    return NONCE_PREFIX + counter.to_bytes(8, "big")
 
 
 def aes256gcm_seal(key: bytes, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
@@ -86,7 +87,7 @@ class RecordKey:
         """
         if not 0 <= counter <= _COUNTER_MAX:
             raise LocalProtocolError("record counter out of range")
-        return self.seal_nonce(_NONCE_PREFIX + counter.to_bytes(8, "big"), header, plaintext)
+        return self.seal_nonce(NONCE_PREFIX + counter.to_bytes(8, "big"), header, plaintext)
 
     def open(self, counter: int, header: bytes, ciphertext: bytes) -> bytes:
         """Verify and decrypt ``ciphertext || tag(16)``; return the plaintext.
@@ -94,7 +95,7 @@ class RecordKey:
         Raises:
             AuthenticationError: the tag does not verify.
         """
-        return self.open_nonce(_NONCE_PREFIX + counter.to_bytes(8, "big"), header, ciphertext)
+        return self.open_nonce(NONCE_PREFIX + counter.to_bytes(8, "big"), header, ciphertext)
 
     def seal_nonce(self, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
         """AES-256-GCM encryption (SP 800-38D 7.1) under an explicit 12-byte nonce: the primitive

@@ -31,6 +31,7 @@ from qgate.dataplane.offload import (
     VNET_F_NEEDS_CSUM,
     ZERO_VNET_BYTES,
     VnetHeader,
+    flow_key,
     fold,
     ipv4_header_checksum,
     sum16,
@@ -149,35 +150,6 @@ def _append(run: _Run, packet: bytes, info: _Info, seq: int, max_size: int) -> b
     return True
 
 
-_NO_FLOW: Final = b""
-"""Close key of a packet that belongs to no TCP/UDP flow (ICMP, garbage): it closes no group."""
-_IPV6_UPPER_NO_PORTS: Final = frozenset({58, 59})
-"""IPv6 next headers that end the chain without ports: ICMPv6, No Next Header."""
-
-
-def _close_key(packet: bytes) -> bytes | None:
-    """The group key a packet that cannot be merged must close, ``_NO_FLOW``, or None if unknown.
-
-    The key is addresses + ports as the groups use them. None (an IPv4 fragment, IPv6 extension
-    headers, a packet cut short) means the packet may belong to any group: all are closed.
-    """
-    version = packet[0] >> 4 if packet else 0
-    if version == 4 and len(packet) >= 20:
-        if packet[9] not in (PROTO_TCP, PROTO_UDP):
-            return _NO_FLOW
-        ihl = (packet[0] & 0x0F) * 4
-        if int.from_bytes(packet[6:8], "big") & 0x1FFF or ihl < 20 or len(packet) < ihl + 4:
-            return None
-        return packet[12:20] + packet[ihl : ihl + 4]
-    if version == 6 and len(packet) >= 40:
-        if packet[6] in _IPV6_UPPER_NO_PORTS:
-            return _NO_FLOW
-        if packet[6] in (PROTO_TCP, PROTO_UDP) and len(packet) >= 44:
-            return packet[8:44]
-        return None
-    return _NO_FLOW if version not in (4, 6) else None
-
-
 def coalesce(
     packets: Sequence[bytes], *, udp: bool = False, max_size: int = MAX_IP_PACKET, verify: bool = False
 ) -> list[Item]:
@@ -221,7 +193,7 @@ def coalesce(
                 info = _udp_info(packet, verify)
         if info is None:
             if open_runs:  # it keeps its place: no later packet of its flow may join an earlier group
-                key = _close_key(packet)
+                key = flow_key(packet)
                 if key is None:
                     open_runs.clear()
                 elif key:

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from qgate.dataplane.offload import PROTO_TCP, PROTO_UDP, VnetHeader, ipv4_header_checksum
+from qgate.dataplane.offload import VnetHeader, flow_key, ipv4_header_checksum
 
 FLOWS: Final = 1024
 """Hash buckets (RFC 8290 section 5.1 and Linux fq_codel default)."""
@@ -69,29 +69,20 @@ class _Flow:
 
 
 def flow_hash(packet: bytes) -> int:
-    """Bucket of an IPv4/IPv6 packet: addresses and protocol, plus the ports of TCP and UDP.
+    """Bucket of an IPv4/IPv6 packet: protocol and addresses, plus the ports of TCP and UDP.
 
-    Ports count only where they are: not for other protocols (an ICMP echo's checksum would
-    scatter one ping over many buckets) nor for IPv4 fragments past the first, as Linux does.
-    Anything unparseable goes to bucket 0.
+    Ports count only where they are (:func:`~qgate.dataplane.offload.flow_key`): not for other
+    protocols (an ICMP echo's checksum would scatter one ping over many buckets) nor for IPv4
+    fragments past the first, as Linux does. Anything unparseable goes to bucket 0.
     """
-    if len(packet) < 20:
-        return 0
-    version = packet[0] >> 4
+    version = packet[0] >> 4 if len(packet) >= 20 else 0
     if version == 4:
-        ihl = (packet[0] & 0x0F) * 4
-        proto = packet[9]
-        key = packet[9:10] + packet[12:20]
-        ports = proto in (PROTO_TCP, PROTO_UDP) and not packet[6] & 0x1F and not packet[7]
-        if ports and len(packet) >= ihl + 4:
-            key += packet[ihl : ihl + 4]
+        proto, addresses = packet[9:10], packet[12:20]
     elif version == 6 and len(packet) >= 40:
-        key = packet[6:7] + packet[8:40]
-        if packet[6] in (PROTO_TCP, PROTO_UDP) and len(packet) >= 44:
-            key += packet[40:44]
+        proto, addresses = packet[6:7], packet[8:40]
     else:
         return 0
-    return hash(key) % FLOWS
+    return hash(proto + (flow_key(packet) or addresses)) % FLOWS
 
 
 def mark_ce(packet: bytes) -> bytes | None:

@@ -165,23 +165,15 @@ def recompute_checksums(packet: bytes | bytearray | memoryview) -> bytes:
     Raises:
         DataPlaneError: not an IPv4/IPv6 packet or truncated headers.
     """
-    version, ihl, proto, addr_sum = _ip_layout(packet)
+    version, ihl, proto, _ = _ip_layout(packet)
     out = bytearray(packet)
     if version == 4:
         ipv4_header_checksum(out, ihl)
     if proto not in (PROTO_TCP, PROTO_UDP):
         return bytes(out)
-    offset = TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET
-    at = ihl + offset
-    if len(out) < at + 2:
+    if len(out) < ihl + (TCP_CSUM_OFFSET if proto == PROTO_TCP else UDP_CSUM_OFFSET) + 2:
         raise DataPlaneError("transport header truncated")
-    out[at : at + 2] = b"\0\0"
-    l4len = len(out) - ihl
-    csum = internet_checksum(memoryview(out)[ihl:], addr_sum + proto + l4len)
-    if proto == PROTO_UDP and csum == 0:
-        csum = 0xFFFF
-    out[at : at + 2] = csum.to_bytes(2, "big")
-    return bytes(out)
+    return _transport_checksum(out, version, ihl, proto)
 
 
 def transport_checksum_ok(packet: bytes | bytearray | memoryview) -> bool:
@@ -247,6 +239,36 @@ def _l4_proto(packet: bytes | bytearray) -> int:
     if version == 4:
         return packet[9]
     return packet[6] if len(packet) > 6 else -1
+
+
+_IPV6_UPPER_NO_PORTS: Final = frozenset({58, 59})
+"""IPv6 next headers that end the chain without ports: ICMPv6, No Next Header."""
+
+
+def flow_key(packet: bytes) -> bytes | None:
+    """Addresses + ports of a TCP/UDP packet: the key of its flow (RFC 8290 section 4.1.1).
+
+    Returns:
+        ``src || dst || sport || dport`` for TCP/UDP over IPv4 (any header length, first or
+        only fragment) or IPv6 (no extension headers); ``b""`` for a packet of no TCP/UDP flow
+        (ICMP, another protocol, not IP); None when the packet may belong to a TCP/UDP flow whose
+        ports it does not show (a later IPv4 fragment, IPv6 extension headers, cut short).
+    """
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        if packet[9] not in (PROTO_TCP, PROTO_UDP):
+            return b""
+        ihl = (packet[0] & 0x0F) * 4
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF or ihl < 20 or len(packet) < ihl + 4:
+            return None
+        return packet[12:20] + packet[ihl : ihl + 4]
+    if version == 6 and len(packet) >= 40:
+        if packet[6] in _IPV6_UPPER_NO_PORTS:
+            return b""
+        if packet[6] in (PROTO_TCP, PROTO_UDP) and len(packet) >= 44:
+            return packet[8:44]
+        return None
+    return b"" if version not in (4, 6) else None
 
 
 # ----- segmentation (read path: TUN -> records) ----------------------------------------------
@@ -347,7 +369,7 @@ def split_tso(vnet: VnetHeader, packet: bytes, mss: int | None = None) -> list[b
     return _segment(packet, version, ip_hlen, l4_hlen, proto, seg_size)
 
 
-def _transport_checksum(packet: bytes, version: int, start: int, proto: int) -> bytes:
+def _transport_checksum(packet: bytes | bytearray, version: int, start: int, proto: int) -> bytes:
     """Return ``packet`` with its TCP/UDP checksum (transport header at ``start``) computed anew.
 
     The pseudo-header is built from the addresses, so whatever the checksum field held (the

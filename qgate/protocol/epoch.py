@@ -9,23 +9,16 @@ index (docs/protocol.md, Epochs). Per-packet failures are counted, never raised.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from qgate.constants import AEAD_PACKET_LIMIT, AEAD_TAG_SIZE, DATA_HEADER_SIZE, EPOCH_GRACE, MSG_DATA
-from qgate.crypto.aead import RecordKey
+from qgate.constants import AEAD_PACKET_LIMIT, DATA_HEADER_SIZE, EPOCH_GRACE
+from qgate.crypto.aead import NONCE_PREFIX, RecordKey
 from qgate.crypto.secret import Secret
 from qgate.errors import AuthenticationError
 from qgate.protocol.replay import ReplayWindow
-
-_HEADER: Final = struct.Struct("!IIQ")
-"""The data header as ``(type << 24 | reserved, receiver_index, counter)`` (protocol.md 2.1)."""
-_HEADER_WORD0: Final = MSG_DATA << 24
-"""First 32-bit word of every valid data header: type 0x04, reserved bytes zero."""
-_NONCE_PREFIX: Final = b"\x00\x00\x00\x00"
-"""Nonce = 4 zero bytes || the header's 8 counter bytes (protocol.md 2.1, as RecordKey.seal)."""
+from qgate.protocol.wire import data_header_fields, pack_data_header
 
 PREVIOUS_MAX: Final = 3
 """Replaced epochs kept for reordered packets at most (older ones are dropped at once)."""
@@ -208,13 +201,12 @@ class EpochSet:
         if room < len(packets):
             stats.drops_key_exhausted += len(packets) - max(room, 0)
             packets = packets[: max(room, 0)]
-        word0, index, pack = _HEADER_WORD0, epoch.peer_index, _HEADER.pack
-        seal = epoch.send_key.seal_nonce
+        index, seal = epoch.peer_index, epoch.send_key.seal_nonce
         out = []
         size = 0
-        for packet in packets:
-            header = pack(word0, index, counter)
-            out.append(header + seal(_NONCE_PREFIX + header[8:], header, packet))
+        for packet in packets:  # nonce = 0^4 || the header's 8 counter bytes (protocol.md 2.1)
+            header = pack_data_header(index, counter)
+            out.append(header + seal(NONCE_PREFIX + header[8:], header, packet))
             counter += 1
             size += len(packet)
         epoch.send_counter = counter
@@ -228,13 +220,11 @@ class EpochSet:
         Order (docs/protocol.md section 6): epoch lookup, tag check, then the replay window.
         """
         stats = self.stats
-        if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
+        fields = data_header_fields(datagram)
+        if fields is None:  # short, another type, or non-zero reserved bytes
             stats.drops_malformed += 1
             return None
-        word0, index, counter = _HEADER.unpack_from(datagram)
-        if word0 != _HEADER_WORD0:  # wrong type or nonzero reserved bytes
-            stats.drops_malformed += 1
-            return None
+        index, counter = fields
         epoch = self.by_index.get(index)
         if epoch is None:
             stats.drops_unknown_index += 1
@@ -245,7 +235,7 @@ class EpochSet:
         try:
             view = memoryview(datagram)
             plaintext = epoch.recv_key.open_nonce(
-                _NONCE_PREFIX + datagram[8:DATA_HEADER_SIZE], view[:DATA_HEADER_SIZE], view[DATA_HEADER_SIZE:]
+                NONCE_PREFIX + datagram[8:DATA_HEADER_SIZE], view[:DATA_HEADER_SIZE], view[DATA_HEADER_SIZE:]
             )
         except AuthenticationError:
             stats.drops_auth += 1

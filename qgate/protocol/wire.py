@@ -32,14 +32,29 @@ from qgate.constants import (
 )
 from qgate.errors import LocalProtocolError, RemoteProtocolError
 
-_DATA_HEADER: Final = struct.Struct("!B3xIQ")
+_DATA_HEADER: Final = struct.Struct("!IIQ")
+"""The data header as ``(type << 24 | reserved, receiver_index, counter)`` (protocol.md 2.1)."""
+_DATA_WORD0: Final = MSG_DATA << 24
+"""First 32-bit word of every valid data header: type 0x04, reserved bytes zero."""
 _FRAGMENT_HEADER: Final = struct.Struct("!BBBBI")
 _MESSAGE_TYPES: Final = range(1, 8)
 
 
 def pack_data_header(receiver_index: int, counter: int) -> bytes:
     """Return the 16-byte data header for ``receiver_index`` (u32) and ``counter`` (u64)."""
-    return _DATA_HEADER.pack(MSG_DATA, receiver_index, counter)
+    return _DATA_HEADER.pack(_DATA_WORD0, receiver_index, counter)
+
+
+def data_header_fields(datagram: bytes | memoryview) -> tuple[int, int] | None:
+    """Return ``(receiver_index, counter)`` of a data datagram, or None if it is not one.
+
+    The per-packet form of :func:`parse_data_header` (no exception): None for a datagram shorter
+    than header + tag, of another type, or with non-zero reserved bytes.
+    """
+    if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
+        return None
+    word0, index, counter = _DATA_HEADER.unpack_from(datagram)
+    return (index, counter) if word0 == _DATA_WORD0 else None
 
 
 def parse_data_header(datagram: bytes) -> tuple[int, int]:
@@ -50,10 +65,10 @@ def parse_data_header(datagram: bytes) -> tuple[int, int]:
     """
     if len(datagram) < DATA_HEADER_SIZE + AEAD_TAG_SIZE:
         raise RemoteProtocolError("data datagram shorter than header and tag")
-    if datagram[0] != MSG_DATA or datagram[1:4] != b"\x00\x00\x00":
+    fields = data_header_fields(datagram)
+    if fields is None:
         raise RemoteProtocolError("not a data datagram")
-    _, index, counter = _DATA_HEADER.unpack_from(datagram)
-    return index, counter
+    return fields
 
 
 def fragment_message(msg_type: int, message: bytes, message_id: int) -> list[bytes]:
