@@ -6,6 +6,7 @@ problems are reported at once (like the policy parser's own errors).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from qgate.errors import ConfigError, PolicyError
-from qgate.keyfiles import load_identity, load_peer_public_key
-from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
+from qgate.keyfiles import load_identity, load_peer_public_key, load_ppk
+from qgate.policy import GatewayPolicy, PeerPolicy, PpkPolicy, load_policy
+from qgate.policy_schema import PolicyYamlLoader
 from qgate.privileges import check_file_safety
 
 
@@ -59,7 +61,7 @@ def field_lines(text: str) -> dict[str, int]:
                 walk(item, f"{path}[{i}]")
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=PolicyYamlLoader)
     except yaml.YAMLError:
         return lines
     if root is not None:
@@ -125,6 +127,7 @@ def _check_permissions(policy: GatewayPolicy) -> list[tuple[str, str]]:
     files = [("gateway.identity", policy.identity, True), ("kme.key", policy.kme.key, True)]
     files += [("kme.cert", policy.kme.cert, False), ("kme.ca", policy.kme.ca, False)]
     files += [(f"peers[{i}].public_key", p.public_key, False) for i, p in enumerate(policy.peers)]
+    files += [(f"peers[{i}].ppk.file", p.ppk.file, True) for i, p in enumerate(policy.peers) if p.ppk]
     user = os.geteuid() if os.geteuid() != 0 else None
     return [
         (where, warning)
@@ -134,8 +137,15 @@ def _check_permissions(policy: GatewayPolicy) -> list[tuple[str, str]]:
     ]
 
 
+def _check_ppk(peer: str, ppk: PpkPolicy) -> str:
+    """Load the PPK file (32-64 bytes) and describe it without its bytes."""
+    size = len(load_ppk(ppk.file))
+    mandatory = ", mandatory" if ppk.mandatory else ""
+    return f"peer {peer}: PPK {ppk.id!r} {ppk.file} ({size} bytes{mandatory})"
+
+
 def check_policy_file(path: Path) -> CheckSummary:
-    """Parse the policy at ``path`` and check the identity, pinned keys and TLS files it names.
+    """Parse the policy at ``path`` and check the identity, pinned keys, PPKs and TLS files it names.
 
     Raises:
         PolicyError: the policy is invalid, or a file it names is missing, unreadable or does
@@ -170,6 +180,8 @@ def check_policy_file(path: Path) -> CheckSummary:
             return f"peer {peer.name}: pinned key {peer.public_key} ({key.alg}, {key.fingerprint()})"
 
         attempt(f"peers[{i}].public_key", pinned)
+        if peer.ppk is not None:
+            attempt(f"peers[{i}].ppk.file", functools.partial(_check_ppk, peer.name, peer.ppk))
     problems.extend(_check_tls(policy))
     problems.extend(_check_permissions(policy))
     if problems:

@@ -1,7 +1,8 @@
-"""Identity key files: write a new gateway identity, load it, load pinned peer keys.
+"""Key files: write a new gateway identity, load it, load pinned peer keys and preshared keys.
 
 The private key file is PKCS#8 PEM with mode 0600; the public key sits beside it with the
-suffix ``.pub`` (SubjectPublicKeyInfo PEM). Every failure is a ConfigError naming the file.
+suffix ``.pub`` (SubjectPublicKeyInfo PEM). A post-quantum preshared key (PPK) file holds the
+raw secret bytes only. Every failure is a ConfigError naming the file, never its bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from qgate.crypto.identity import IdentityKey, PeerPublicKey
+from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,10 @@ PUBLIC_KEY_MODE: Final = 0o644
 """File mode of a public identity key."""
 PUBLIC_SUFFIX: Final = ".pub"
 _MAX_KEY_FILE_BYTES: Final = 64 * 1024
+PPK_MIN_BYTES: Final = 32
+"""Bytes: the shortest PPK accepted (256 bits; RFC 8784 section 3 asks for at least that entropy)."""
+PPK_MAX_BYTES: Final = 64
+"""Bytes: the longest PPK accepted (implementation limit)."""
 
 
 def public_key_path(private_path: Path) -> Path:
@@ -128,3 +134,48 @@ def load_peer_public_key(path: Path) -> PeerPublicKey:
         return PeerPublicKey.from_pem(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_ppk(path: Path) -> Secret:
+    """Load a post-quantum preshared key (RFC 8784 style): the raw bytes of the file at ``path``.
+
+    The file must be a regular file of ``PPK_MIN_BYTES``..``PPK_MAX_BYTES`` (32-64) bytes, used as
+    they are (no encoding, no trailing newline), e.g. ``head -c 32 /dev/urandom > ppk.bin``.
+    Permissions are not checked here (``qgate check`` and ``qgate up`` do that).
+
+    Returns:
+        The key bytes as a :class:`Secret`.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not a regular file, or holds fewer than
+            32 or more than 64 bytes; the message names the path and size, never the bytes.
+    """
+    data = _read_regular(path, PPK_MAX_BYTES + 1, what="the PPK")
+    if len(data) > PPK_MAX_BYTES:
+        raise ConfigError(f"{path}: the PPK is longer than {PPK_MAX_BYTES} bytes")
+    if len(data) < PPK_MIN_BYTES:
+        raise ConfigError(f"{path}: the PPK is {len(data)} bytes; at least {PPK_MIN_BYTES} are needed")
+    return Secret(data)
+
+
+def _read_regular(path: Path, limit: int, *, what: str) -> bytes:
+    """Return up to ``limit`` bytes of the regular file ``path``; a FIFO or device is refused unread.
+
+    Raises:
+        ConfigError: ``path`` cannot be opened or read, or is not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block the open
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: {what} is not a regular file")
+        data = b""
+        while len(data) < limit and (chunk := os.read(fd, limit - len(data))):
+            data += chunk
+        return data
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)

@@ -19,7 +19,9 @@ from qgate import constants as C
 from qgate.errors import PolicyError
 from qgate.policy_schema import (
     BAD,
+    NO_ALIASES,
     STR_TAG,
+    AliasRefused,
     Boolean,
     Choice,
     Context,
@@ -33,6 +35,7 @@ from qgate.policy_schema import (
     Interface,
     IPAddress,
     Networks,
+    PolicyYamlLoader,
     Real,
     Section,
     SectionList,
@@ -54,6 +57,7 @@ __all__ = [
     "KemName",
     "KmePolicy",
     "PeerPolicy",
+    "PpkPolicy",
     "QkdRole",
     "RekeyPolicy",
     "TunPolicy",
@@ -137,6 +141,24 @@ class RekeyPolicy:
 
 
 @dataclass(frozen=True)
+class PpkPolicy:
+    """A post-quantum preshared key shared with one peer (RFC 8784 style), mixed into its handshakes.
+
+    Attributes:
+        file: the raw secret: 32-64 bytes, mode 0600, the same bytes at the peer
+            (read by :func:`qgate.keyfiles.load_ppk`, not by the policy loader).
+        id: names the PPK to the peer: 1-64 printable ASCII characters without space, sent in
+            the clear (never put anything secret in it).
+        mandatory: refuse any handshake without this PPK; False (default) lets a peer that
+            offers none in.
+    """
+
+    file: Path
+    id: str
+    mandatory: bool = False
+
+
+@dataclass(frozen=True)
 class PeerPolicy:
     """One peer gateway.
 
@@ -157,6 +179,7 @@ class PeerPolicy:
         qkd_prefetch: QKD keys fetched ahead of need (master only; 0-1024, 0 = fetch at each
             rekey), so a slow KME never stalls a rekey.
         rekey: timing.
+        ppk: the post-quantum preshared key with this peer, or None (default: no PPK).
     """
 
     name: str
@@ -171,6 +194,7 @@ class PeerPolicy:
     qkd_key_bits: int = C.QKD_KEY_BITS_DEFAULT
     qkd_prefetch: int = C.QKD_PREFETCH_DEFAULT
     rekey: RekeyPolicy = field(default_factory=RekeyPolicy)
+    ppk: PpkPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +312,21 @@ REKEY_MAX_INTERVAL: Final = Field(
     rule=">= interval and < max_key_age",
 )
 
+PPK_FILE: Final = Field(
+    "file", FilePath(), "the raw PPK secret: 32-64 bytes, mode 0600, the same bytes at the peer"
+)
+PPK_ID: Final = Field(
+    "id",
+    Text(r"[!-~]{1,64}", "1-64 printable ASCII characters, no space"),
+    "names the PPK to the peer; sent in the clear, so nothing secret",
+)
+PPK_MANDATORY: Final = Field(
+    "mandatory",
+    Boolean(),
+    "refuse any handshake without this PPK (false: a peer offering none still gets in)",
+    PpkPolicy.mandatory,
+)
+
 PEER_NAME: Final = Field("name", _LABEL, "the peer's label in logs and status; unique")
 PEER_PUBLIC_KEY: Final = Field("public_key", FilePath(), "the peer's pinned ML-DSA public key, PEM")
 PEER_ENDPOINT: Final = Field(
@@ -338,6 +377,13 @@ PEER_REKEY: Final = Field(
     Default.DERIVED,
     "all defaults",
 )
+PEER_PPK: Final = Field(
+    "ppk",
+    Section((PPK_FILE, PPK_ID, PPK_MANDATORY)),
+    "post-quantum preshared key mixed into every handshake with this peer (RFC 8784 style)",
+    Default.DERIVED,
+    "none",
+)
 _PEER_FIELDS: Final[tuple[Field[object], ...]] = (
     PEER_NAME,
     PEER_PUBLIC_KEY,
@@ -351,6 +397,7 @@ _PEER_FIELDS: Final[tuple[Field[object], ...]] = (
     PEER_QKD_KEY_BITS,
     PEER_QKD_PREFETCH,
     PEER_REKEY,
+    PEER_PPK,
 )
 
 TOP_GATEWAY: Final = Field("gateway", Section((GW_NAME, GW_IDENTITY, GW_LISTEN, GW_TUN)), "this gateway")
@@ -453,7 +500,9 @@ def _line_text(text: str, line: int) -> str:
 def _compose(text: str, source: Path | None) -> yaml.Node:
     """Return the YAML node tree of ``text`` (every node has a line), or raise PolicyError."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=PolicyYamlLoader)
+    except AliasRefused as exc:
+        raise PolicyError(NO_ALIASES, file=source, line=exc.line) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -557,6 +606,15 @@ def _peer(values: Values, ctx: Context) -> PeerPolicy:
         qkd_key_bits=values.value(PEER_QKD_KEY_BITS),
         qkd_prefetch=values.value(PEER_QKD_PREFETCH),
         rekey=rekey,
+        ppk=_ppk(values.optional(PEER_PPK)),
+    )
+
+
+def _ppk(values: Values | None) -> PpkPolicy | None:
+    if values is None:
+        return None
+    return PpkPolicy(
+        file=values.value(PPK_FILE), id=values.value(PPK_ID), mandatory=values.value(PPK_MANDATORY)
     )
 
 

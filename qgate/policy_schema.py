@@ -1,9 +1,11 @@
 """Table-driven validation of YAML policy nodes: value kinds, sections, problems, field docs.
 
 The policy tables in :mod:`qgate.policy` are built from the pieces here. Each :class:`Kind`
-turns one YAML node (from ``yaml.compose()``, so every node carries its line number) into a
-typed value or records a problem and returns :data:`BAD`. Nothing here raises on bad input:
-problems are collected in a :class:`Context` so a policy file reports all of them at once.
+turns one YAML node (from ``yaml.compose()`` with :class:`PolicyYamlLoader`, which refuses
+anchors and aliases, so every node is its own and carries its line number) into a
+typed value or records a problem and returns :data:`BAD`. Apart from the loader, nothing here
+raises on bad input: problems are collected in a :class:`Context` so a policy file reports all
+of them at once.
 The same tables produce the field documentation (:func:`field_docs`), so the docs are never
 written twice.
 """
@@ -49,6 +51,44 @@ _TAG_NAMES: Final = {
 }
 _SCALARS: Final = yaml.constructor.SafeConstructor()
 """Used only for its stateless scalar converters (YAML 1.1 ints: 0x.., 1_000, 1:30; floats)."""
+
+
+NO_ALIASES: Final = "YAML anchors and aliases are not allowed in a policy"
+"""The message of a policy refused for an anchor or alias (see :class:`PolicyYamlLoader`)."""
+
+
+class AliasRefused(yaml.YAMLError):
+    """:class:`PolicyYamlLoader` met an anchor (``&x``) or alias (``*x``).
+
+    Attributes:
+        line: 1-based line of the anchor or alias.
+    """
+
+    def __init__(self, line: int) -> None:
+        self.line = line
+        super().__init__(f"line {line}: {NO_ALIASES}")
+
+
+class PolicyYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases as soon as the parser yields one.
+
+    An alias makes one node appear many times: a few hundred bytes of nested aliases ("billion
+    laughs") expand to billions of nodes for any walk over the tree. A policy has no use for
+    them, so the first node event carrying an anchor, and every alias, raises
+    :class:`AliasRefused` before it joins the tree.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """Compose the next node, unless its event is an alias or carries an anchor.
+
+        Raises:
+            AliasRefused: the next event is an alias or has an anchor.
+        """
+        event: object = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+            mark = event.start_mark
+            raise AliasRefused(int(mark.line) + 1 if mark is not None else 1)
+        return super().compose_node(parent, index)
 
 
 class Bad(enum.Enum):

@@ -16,6 +16,10 @@ only ``CAP_NET_ADMIN`` (to remove the routes again at exit), following capabilit
 Capabilities are per thread on Linux, so the drop refuses to run while other threads exist:
 threads started afterwards inherit the reduced credentials. Any failure raises ``ConfigError``
 after a best-effort removal of every capability; the caller must then stop.
+
+Independently of any drop, :func:`harden_process` runs first thing in ``qgate up``, before a key
+is loaded: ``RLIMIT_CORE`` 0 and ``PR_SET_DUMPABLE`` 0, so key memory never lands in a core file
+and processes of the same uid cannot ptrace the gateway or read its ``/proc/<pid>/mem``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import stat
 import time
 from collections.abc import Sequence
@@ -54,6 +59,7 @@ USERADD_HINT: Final = "useradd --system --no-create-home --shell /usr/sbin/nolog
 THREAD_EXIT_WAIT: Final = 0.5
 """Seconds to wait for threads already joined (a Python join returns just before the OS thread exits)."""
 
+_PR_GET_DUMPABLE: Final = 3
 _PR_SET_DUMPABLE: Final = 4
 _PR_SET_KEEPCAPS: Final = 8
 _PR_CAPBSET_DROP: Final = 24
@@ -200,6 +206,32 @@ def read_capabilities(pid: int | str = "self") -> ProcCredentials:
     return parse_proc_status(text)
 
 
+# ----- hardening -------------------------------------------------------------------------
+def harden_process() -> None:
+    """Forbid core dumps of this process and ptrace of it by the same uid (call before loading keys).
+
+    Sets ``RLIMIT_CORE`` to 0, soft and hard (setrlimit(2): without ``CAP_SYS_RESOURCE`` it can
+    never be raised again), and ``prctl(PR_SET_DUMPABLE, 0)`` (prctl(2): no core dump, no ptrace
+    attach and no ``/proc/<pid>/mem`` for processes without ``CAP_SYS_PTRACE``; the ``/proc/<pid>``
+    files become root's). Children inherit the core limit, not the dumpable flag. A later uid
+    change resets dumpable to ``fs.suid_dumpable``: :func:`drop_privileges` clears it again and
+    checks it. Both settings are read back.
+
+    Raises:
+        ConfigError: setrlimit or prctl failed, or the read-back is not 0.
+    """
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot disable core dumps (RLIMIT_CORE 0): {exc}") from exc
+    _prctl(_PR_SET_DUMPABLE, 0, what="clear dumpable")
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    dumpable = _prctl(_PR_GET_DUMPABLE, 0, what="read dumpable")
+    if core != (0, 0) or dumpable != 0:
+        raise ConfigError(f"process hardening did not take effect: RLIMIT_CORE {core}, dumpable {dumpable}")
+    log.debug("core dumps disabled (RLIMIT_CORE 0) and process not dumpable (no ptrace by the same uid)")
+
+
 # ----- the drop --------------------------------------------------------------------------
 def drop_privileges(user: str, *, keep: Sequence[str] = ("CAP_NET_ADMIN",)) -> DropResult:
     """Switch this (root, single-threaded) process to ``user``, keeping only the ``keep`` capabilities.
@@ -309,6 +341,9 @@ def _verify(pw: pwd.struct_passwd, kept: frozenset[str]) -> DropResult:
         for key, value in expected.items()
         if actual[key] != value
     ]
+    dumpable = _prctl(_PR_GET_DUMPABLE, 0, what="read dumpable")
+    if dumpable != 0:
+        wrong.append(f"dumpable is {dumpable}, expected 0")
     if wrong:
         raise ConfigError("privilege drop did not take effect: " + "; ".join(wrong))
     return DropResult(
@@ -337,15 +372,18 @@ def _libc() -> ctypes.CDLL:
     return _LIBC
 
 
-def _prctl(option: int, arg: int, *, what: str, ok_errno: int | None = None) -> None:
+def _prctl(option: int, arg: int, *, what: str, ok_errno: int | None = None) -> int:
+    """Call prctl(2); return its non-negative result (the flag, for the ``PR_GET_*`` options)."""
     prctl = _libc().prctl
     prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
     prctl.restype = ctypes.c_int
-    if prctl(option, arg, 0, 0, 0) != 0:
+    result = int(prctl(option, arg, 0, 0, 0))
+    if result < 0:
         code = ctypes.get_errno()
         if code == ok_errno:
-            return
+            return 0
         raise ConfigError(f"cannot {what}: prctl failed: {os.strerror(code)}")
+    return result
 
 
 def _capset(*, effective: int, permitted: int, inheritable: int) -> None:
@@ -380,6 +418,23 @@ def _cap_name(cap: int) -> str:
 
 
 # ----- file permissions ------------------------------------------------------------------
+_SECRET_FORBIDDEN_BITS: Final = 0o077
+"""Permission bits a secret file must not have: any access by group or others."""
+
+
+def unsafe_secret_mode(path: Path) -> int | None:
+    """Return the permission bits of secret ``path`` when group or others have any, else None.
+
+    The rule :func:`check_file_safety` applies with ``secret=True``; ``qgate up`` refuses to start
+    on it. None also when ``path`` cannot be stat'ed (``check_file_safety`` reports that).
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    return mode if mode & _SECRET_FORBIDDEN_BITS else None
+
+
 def check_file_safety(path: Path, *, secret: bool, run_user: str | int | None = None) -> list[str]:
     """Return warnings about who besides the owner could read, replace or own ``path``.
 
@@ -405,7 +460,7 @@ def check_file_safety(path: Path, *, secret: bool, run_user: str | int | None = 
     warnings = []
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISSOCK(info.st_mode)):
         warnings.append(f"{path}: not a regular file")
-    if secret and mode & 0o077:
+    if secret and mode & _SECRET_FORBIDDEN_BITS:
         warnings.append(f"{path}: secret readable or usable by group/others (mode {mode:04o}); chmod 600")
     elif mode & 0o022:
         warnings.append(f"{path}: writable by group/others (mode {mode:04o}); chmod go-w")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -406,12 +408,65 @@ def test_subnets_of_different_families_never_overlap() -> None:
         ("gateway:\n  name: [a\nkme: 1\n", 3, "YAML syntax error"),
         ("a: 1\n---\nb: 2\n", 2, "YAML syntax error"),
         ("a: 1\nb: \x00\n", 2, "character U+0000"),
-        ("a: &x 1\nb: *y\n", 2, "YAML syntax error"),
+        ("a: &x 1\nb: *y\n", 1, "YAML anchors and aliases are not allowed in a policy"),
+        ("a: 1\nb: *y\n", 2, "YAML anchors and aliases are not allowed in a policy"),
     ],
 )
 def test_unusable_files_raise_policy_error_with_line(text: str, line: int | None, fragment: str) -> None:
     (problem,) = problems_of(text)
     assert problem[0] == line and fragment in problem[2]
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: 9 levels of 9 aliases each, 9**9 (387 million) strings once expanded."""
+    lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"lol{level}: &lol{level} [" + ", ".join([f"*lol{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_at_the_first_anchor_fast_and_small(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs())
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(PolicyError) as info:
+            load_policy(path)
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == f"{path}:1: YAML anchors and aliases are not allowed in a policy"
+    assert elapsed < 0.5 and peak < 2_000_000, (elapsed, peak)
+
+
+def test_qgate_check_refuses_billion_laughs_fast(tmp_path: Path) -> None:
+    from qgate.checks import check_policy_file, field_lines
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BASE + billion_laughs())
+    started = time.perf_counter()
+    with pytest.raises(PolicyError, match="anchors and aliases are not allowed"):
+        check_policy_file(path)
+    assert field_lines(path.read_text()) == {}  # the line map refuses aliases too, it does not walk them
+    assert time.perf_counter() - started < 1.0
+
+
+def test_anchor_and_alias_in_an_otherwise_valid_policy_are_refused_at_the_anchor() -> None:
+    text = edit("    rekey: {interval", "    rekey: &timing {interval") + edit(
+        "qkd_role: slave", "qkd_role: slave\n    rekey: *timing", SECOND_PEER
+    )
+    (problem,) = problems_of(text)
+    assert problem == (24, "", "YAML anchors and aliases are not allowed in a policy")
+
+
+def test_anchors_on_keys_and_documents_are_refused_and_plain_ampersands_are_text() -> None:
+    assert problems_of("&k gateway: 1\n")[0][:1] == (1,)
+    assert problems_of("--- &doc\ngateway: 1\n")[0][0] == 1
+    assert "anchors" in problems_of("a:\n  - 1\n  - &x 2\n")[0][2]
+    text = edit("name: site-a", "name: 'a&b*c'")
+    assert all("anchors" not in message for _, _, message in problems_of(text))
 
 
 def test_top_level_sections_missing_are_each_reported() -> None:

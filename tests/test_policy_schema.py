@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from qgate.policy import GatewayPolicy, KmePolicy, PeerPolicy, RekeyPolicy, TunPolicy, describe_schema, schema
+from qgate.policy import (
+    GatewayPolicy,
+    KmePolicy,
+    PeerPolicy,
+    PpkPolicy,
+    RekeyPolicy,
+    TunPolicy,
+    describe_schema,
+    schema,
+)
 
 
 def _contract_paths() -> set[str]:
@@ -15,6 +24,7 @@ def _contract_paths() -> set[str]:
         "kme": ("kme.", KmePolicy),
         "peers": ("peers[].", PeerPolicy),
         "rekey": ("peers[].rekey.", RekeyPolicy),
+        "ppk": ("peers[].ppk.", PpkPolicy),
     }
     paths = {"gateway", "kme", "peers"}
     for prefix, cls in nested.values():

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import pwd
+import resource
 import secrets
 import select
 import shutil
@@ -29,8 +30,10 @@ from qgate.errors import ConfigError
 from qgate.privileges import (
     check_file_safety,
     drop_privileges,
+    harden_process,
     parse_proc_status,
     read_capabilities,
+    unsafe_secret_mode,
 )
 
 CHILD_TIMEOUT = 30.0
@@ -361,6 +364,42 @@ def test_routes_added_as_root_are_removed_after_the_drop(run_user: str) -> None:
     assert out.get("value") == {"routes_left": [], "uid": pwd.getpwnam(run_user).pw_uid}, out
 
 
+# ----- hardening: no core dumps, not dumpable ------------------------------------------------
+PR_GET_DUMPABLE = 3
+
+
+def _core_limit_and_dumpable() -> dict[str, object]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return {
+        "core": list(resource.getrlimit(resource.RLIMIT_CORE)),
+        "dumpable": libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0),
+    }
+
+
+def _harden_then(after: Callable[[], object]) -> dict[str, object]:
+    before = _core_limit_and_dumpable()
+    harden_process()
+    after()
+    return {"before": before, "after": _core_limit_and_dumpable()}
+
+
+def test_harden_process_sets_the_core_limit_and_dumpable_to_zero() -> None:
+    out = run_in_child(lambda: _harden_then(lambda: None))
+
+    value = out.get("value")
+    assert isinstance(value, dict), out
+    assert value["before"]["dumpable"] == 1, "the test process should start dumpable"
+    assert value["after"] == {"core": [0, 0], "dumpable": 0}
+
+
+@needs_root
+def test_drop_after_hardening_ends_not_dumpable_and_without_core_dumps(run_user: str) -> None:
+    # A uid change resets dumpable to fs.suid_dumpable; the drop clears it again and checks it.
+    out = run_in_child(lambda: _harden_then(lambda: drop_privileges(run_user)))
+
+    assert out.get("value", {}).get("after") == {"core": [0, 0], "dumpable": 0}, out  # type: ignore[union-attr]
+
+
 # ----- file permission checks ------------------------------------------------------------
 def _file(tmp_path: Path, mode: int) -> Path:
     path = tmp_path / "identity.key"
@@ -415,6 +454,14 @@ def test_check_file_safety_warns_about_owner_other_than_root_or_run_user(tmp_pat
     assert check_file_safety(path, secret=True, run_user=54321) == []
     (warning,) = check_file_safety(path, secret=True, run_user="root")
     assert "owned by uid 54321" in warning
+
+
+@pytest.mark.parametrize(("mode", "unsafe"), [(0o600, None), (0o400, None), (0o640, 0o640), (0o602, 0o602)])
+def test_unsafe_secret_mode_is_the_mode_when_group_or_others_have_any_bit(
+    tmp_path: Path, mode: int, unsafe: int | None
+) -> None:
+    assert unsafe_secret_mode(_file(tmp_path, mode)) == unsafe
+    assert unsafe_secret_mode(tmp_path / "absent.key") is None
 
 
 def test_check_file_safety_reports_missing_file(tmp_path: Path) -> None:

@@ -48,9 +48,11 @@ def up(
     """Run the gateway described by POLICY_FILE in the foreground (SIGINT/SIGTERM stop it cleanly)."""
     from qgate.gateway import run_gateway
     from qgate.policy import load_policy
+    from qgate.privileges import harden_process
 
     setup_logging(log_level, log_format)
     try:
+        harden_process()  # before any key is read: no core dumps, no ptrace by the same uid
         run_gateway(
             load_policy(policy_file),
             stats_file=stats_file,
