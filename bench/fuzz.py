@@ -4,13 +4,20 @@ Each parser gets ``--cases`` inputs (default 100,000): mostly mutations of valid
 byte insert/delete, truncation, splicing, length-field tweaks; for ETSI GS QKD 014 JSON also structural
 mutations: type swaps, missing/extra fields, huge numbers, bad Base64; for the YAML policy token-level
 mutations of ``policies/site-a.yaml``), plus some purely random inputs. Valid samples are built with the
-real encoders (``qgate.protocol.messages``, ``fragment_message``, ``EpochSet.seal`` with fixed keys).
+real encoders (``qgate.protocol.messages`` version 2, ``fragment_message`` + ``guard.add_macs``,
+``guard.seal_retry``, ``EpochSet.seal`` with fixed keys). The engines (``Peer``) get mutations of the
+recorded run's datagrams, and fragments, whole messages and Retries made with the right mac1, mac2 and
+Retry keys, so that input reaches reassembly, parsing, the challenge checks and ML-DSA.Verify.
 
 Documented errors: ``RemoteProtocolError`` (wire, fragments, messages, reassembly); none for
-``classify_datagram``, ``EpochSet.open`` (counted drops), ``parse_error_body`` and routing;
-``KmsBadAnswerError`` for the other ETSI 014 parsers; ``PolicyError`` for ``parse_policy``. Anything
-else, a case running longer than ``--case-timeout`` seconds, or a broken invariant (accepted message
-that does not re-encode to the same bytes, a drop not counted exactly once) is *undocumented*.
+``classify_datagram``, ``EpochSet.open`` (counted drops), ``parse_error_body``, routing,
+``guard.parse_retry_head`` (None), ``guard.mac1_ok`` / ``mac2_ok`` (a bool) and the engines'
+``receive_fragment`` / ``open`` (never raise); ``AuthenticationError`` for the Retry path
+(``parse_retry_head``, then ``open_retry``); ``KmsBadAnswerError`` for the other ETSI 014 parsers;
+``PolicyError`` for ``parse_policy``. Anything else, a case running longer than ``--case-timeout``
+seconds, or a broken invariant (accepted message that does not re-encode to the same bytes, a drop not
+counted exactly once, a forged mac or Retry accepted, an engine answering a datagram that fails mac1)
+is *undocumented*.
 
 Reproducible: every parser draws from ``random.Random(f"{seed}:{name}")``; the first failures of each
 kind are printed with the input hex and traceback. Summary on stderr; ``--json`` prints one JSON line
@@ -32,10 +39,10 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 
 REPO: Final = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's ``tests/fuzz_corpus.py`` importable
@@ -43,22 +50,49 @@ if str(REPO) not in sys.path:  # run as a script: make the repo's ``tests/fuzz_c
 if str(REPO / "tests") not in sys.path:  # and the test providers the recorded engines use
     sys.path.insert(1, str(REPO / "tests"))
 
-from qgate.constants import MSG_DATA  # noqa: E402
+from qgate.constants import (  # noqa: E402
+    CHALLENGE_SIZE,
+    FRAGMENT_COUNT_MAX,
+    FRAGMENT_MAC_SIZE,
+    FRAGMENT_PAYLOAD_MAX,
+    FRAGMENT_TRAILER_SIZE,
+    MSG_DATA,
+    MSG_RETRY,
+    RETRY_NONCE_SIZE,
+    RETRY_SIZE,
+)
 from qgate.dataplane.coalesce import coalesce  # noqa: E402
 from qgate.dataplane.offload import GSO_ECN, GSO_NONE, parse_vnet_header, split_tso, transport_checksum_ok  # noqa: E402
 from qgate.dataplane.routing import RouteTable  # noqa: E402
-from qgate.errors import DataPlaneError, KmsBadAnswerError, PolicyError, RemoteProtocolError  # noqa: E402
+from qgate.errors import (  # noqa: E402
+    AuthenticationError,
+    DataPlaneError,
+    KmsBadAnswerError,
+    PolicyError,
+    RemoteProtocolError,
+)
 from qgate.kms import etsi014  # noqa: E402
 from qgate.policy import parse_policy  # noqa: E402
+from qgate.protocol import guard  # noqa: E402
 from qgate.protocol import messages as m  # noqa: E402
-from qgate.protocol.peer import Peer  # noqa: E402
-from qgate.protocol.wire import Reassembler, classify_datagram, parse_data_header, parse_fragment  # noqa: E402
+from qgate.protocol.peer import Peer, SendDatagram  # noqa: E402
+from qgate.protocol.wire import (  # noqa: E402
+    Reassembler,
+    classify_datagram,
+    fragment_message,
+    parse_data_header,
+    parse_fragment,
+)
 from tests.fuzz_corpus import (  # noqa: E402
+    CORPUS_CHALLENGES,
+    CORPUS_RECEIVER_PK,
     DATA_FIELDS,
     ID1,
     ID2,
+    RETRY_FIELDS,
     SLAVE_SAE,
     EpochPair,
+    RetryCorpus,
     Sample,
     build_messages,
     coalesce_samples,
@@ -355,6 +389,8 @@ class Target:
     call: Callable[[bytes], object]
     none_rejects: bool = False
     """True when a None result is the parser's documented rejection (a counted drop)."""
+    coverage: Callable[[], dict[str, int]] | None = None
+    """For engine targets: the engine's counters (``ControlStats``), to check how deep inputs reach."""
 
 
 def _check_round_trip(msg: m.Message, data: bytes) -> None:
@@ -379,7 +415,7 @@ def _parse_message_call(data: bytes) -> object:
 
 def _classify_call(data: bytes) -> object:
     kind = classify_datagram(data)
-    if kind not in ("data", "handshake", None):
+    if kind not in ("data", "handshake", "retry", None):
         raise InvariantError(f"classify_datagram returned {kind!r}")
     return kind
 
@@ -516,22 +552,164 @@ def build_targets() -> list[Target]:
         Target("offload.split_tso", (DataPlaneError,), gen(offload_samples(rng), keep=0.1), _split_call),
         Target("coalesce.coalesce", (), gen(coalesce_samples(rng), keep=0.1), _coalesce_call),
     ]  # fmt: skip
+    targets += _guard_targets(frags, rng)
     targets += _peer_targets(gen)
     return targets
+
+
+def _batch(datagrams: Sequence[bytes]) -> bytes:
+    """Join datagrams into one fuzz input: ``u16 length || datagram`` each (what one case delivers)."""
+    return b"".join(len(d).to_bytes(2, "big") + d for d in datagrams)
+
+
+def _unbatch(data: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at + 2 <= len(data):
+        size = int.from_bytes(data[at : at + 2], "big")
+        out.append(data[at + 2 : at + 2 + size])
+        at += 2 + size
+    return out
+
+
+@dataclass
+class _EngineView:
+    """What a sender knowing both public keys knows of one recorded engine (to make inputs it checks).
+
+    Attributes:
+        mac1_key: this engine's K_mac1 (fragments for it carry mac1 under this key).
+        challenges: this engine's challenges, oldest first (the last is current).
+        peer_challenges: the other side's challenges (what a Retry for this engine may bring).
+        peer_retry_key: the other side's K_retry (Retries this engine can open).
+        sent: the fragments this engine sent (Retries answer them).
+        inbound: the messages this engine received in the recording.
+    """
+
+    mac1_key: bytes
+    challenges: list[bytes]
+    peer_challenges: list[bytes]
+    peer_retry_key: bytes
+    sent: list[bytes]
+    inbound: list[m.Message]
+
+
+def _engine_view(harness: Any, wire: list[Any], role: str) -> _EngineView:
+    from tests.qgate_recorder import challenges_of, messages, receiver_of, sender_of
+
+    other = "slave" if role == "master" else "master"
+
+    def drawn(side: str) -> list[bytes]:
+        return challenges_of(harness.engine_rngs[side].drawn, wire)
+
+    return _EngineView(
+        mac1_key=guard.mac1_key(harness.signer(role).public_bytes()),
+        challenges=drawn(role),
+        peer_challenges=drawn(other),
+        peer_retry_key=guard.retry_key(harness.signer(other).public_bytes()),
+        sent=[
+            d.data
+            for d in wire
+            if sender_of(d.direction) == role and classify_datagram(d.data) == "handshake"
+        ],
+        inbound=[s.msg for s in messages(wire) if receiver_of(s.direction) == role],
+    )
+
+
+def _challenge(rng: random.Random, pool: Sequence[bytes]) -> bytes | None:
+    """Mostly the current challenge, sometimes an older one, none, or a wrong one."""
+    roll = rng.random()
+    if roll < 0.6:
+        return pool[-1]
+    if roll < 0.75:
+        return rng.choice(pool)
+    return None if roll < 0.9 else rng.randbytes(CHALLENGE_SIZE)
+
+
+def _remac(rng: random.Random, view: _EngineView, datagram: bytes) -> bytes:
+    """Give a (mutated) fragment a valid mac1 and usually a valid mac2 for the engine, as a key holder can."""
+    if len(datagram) <= FRAGMENT_TRAILER_SIZE:
+        return datagram
+    body = datagram[:-FRAGMENT_TRAILER_SIZE]
+    return guard.add_macs(body, peer_mac1_key=view.mac1_key, peer_challenge=_challenge(rng, view.challenges))
+
+
+def _vary_message(rng: random.Random, view: _EngineView, msg: m.Message) -> bytes:
+    """A recorded message as is (a replay), with a fresh echo and a broken signature, or byte-mutated."""
+    roll = rng.random()
+    if roll < 0.3:
+        return msg.encode()
+    if roll < 0.7 and isinstance(msg, m.InitHello | m.Kick):  # reaches the budget and ML-DSA.Verify
+        return replace(
+            msg, echo=rng.choice(view.challenges), challenge=rng.randbytes(CHALLENGE_SIZE)
+        ).encode()
+    if roll < 0.7 and isinstance(msg, m.RatchetRequest | m.RespHello):
+        return replace(msg, challenge=rng.randbytes(CHALLENGE_SIZE)).encode()
+    encoded = msg.encode()
+    return mutate_bytes(rng, [Sample(encoded, message_fields(msg.TYPE, encoded))], keep=0.0)
+
+
+def _fragment_generator(view: _EngineView, raw: list[Sample]) -> Callable[[random.Random], bytes]:
+    """Batches of datagrams for ``Peer.receive_fragment``: raw mutations, re-MACed fragments and
+    messages (so they pass mac1/mac2 and reach reassembly, parsing and the state machine), and
+    Retries sealed with the peer's key for fragments the engine sent (some then mutated)."""
+    fragments = [s for s in raw if classify_datagram(s.data) == "handshake"]
+
+    def generate(rng: random.Random) -> bytes:
+        roll = rng.random()
+        if roll < 0.25:
+            return _batch([mutate_bytes(rng, raw, keep=0.1)])
+        if roll < 0.55:
+            return _batch([_remac(rng, view, mutate_bytes(rng, fragments, keep=0.1))])
+        if roll < 0.85:
+            msg = rng.choice(view.inbound)
+            body = _vary_message(rng, view, msg)
+            if not body or len(body) > FRAGMENT_COUNT_MAX * FRAGMENT_PAYLOAD_MAX:
+                return _batch([body])
+            datagrams = [_remac(rng, view, f + bytes(FRAGMENT_TRAILER_SIZE))
+                         for f in fragment_message(msg.TYPE, body, rng.getrandbits(32))]  # fmt: skip
+            if rng.random() < 0.2:  # reordered, duplicated or lost fragments
+                datagrams = [rng.choice(datagrams) for _ in range(rng.randint(1, len(datagrams) + 1))]
+            return _batch(datagrams)
+        answered = rng.choice(view.sent)
+        frag = parse_fragment(answered)
+        challenge = _challenge(rng, view.peer_challenges) or rng.randbytes(CHALLENGE_SIZE)
+        nonce = rng.randbytes(RETRY_NONCE_SIZE)
+        retry = guard.seal_retry(message_id=frag.message_id, index=frag.index,
+                                 answered_mac1=guard.fragment_mac1(answered), challenge=challenge,
+                                 my_retry_key=view.peer_retry_key, nonce=nonce)  # fmt: skip
+        if rng.random() < 0.3:
+            retry = mutate_bytes(rng, [Sample(retry, RETRY_FIELDS)], keep=0.0)
+        return _batch([retry])
+
+    return generate
 
 
 def _peer_targets(gen: Callable[..., Callable[[random.Random], bytes]]) -> list[Target]:
     """The protocol engines' entry points for outside datagrams: they never raise (docs/protocol.md s4).
 
-    Inputs are mutations of the real datagrams of an in-memory handshake, ratchet and data exchange.
+    Inputs are mutations of the real datagrams of the recorded in-memory run (challenge exchange with
+    Retries, handshake, ratchet, data; tests/qgate_recorder.py). Each target drives its own pair of
+    engines, built at its first case, so ``--only`` reproduces a failure alone. Invariant: a datagram
+    that is not a Retry and fails mac1 never makes the engine send anything.
     """
     from tests.qgate_recorder import Inputs, run_scenario  # deterministic engines (recorded vectors)
 
-    seen: list[bytes] = []
+    wire: list[Any] = []
     inputs = Inputs()
-    harness = run_scenario(inputs, lambda datagram: seen.append(datagram.data))
-    pool = [Sample(d) for d in seen]
+    harness = run_scenario(inputs, wire.append)
+    pool = [Sample(d.data) for d in wire]
+    views = {role: _engine_view(harness, wire, role) for role in ("master", "slave")}
     now = inputs.data_2_at  # both engines hold live epochs at this time
+
+    def engine(role: str) -> Callable[[], Peer]:
+        built: list[Peer] = []
+
+        def get() -> Peer:
+            if not built:
+                fresh = run_scenario(inputs, lambda datagram: None)
+                built.append(fresh.master if role == "master" else fresh.slave)
+            return built[0]
+
+        return get
 
     def feed(peer_of: Callable[[], Peer]) -> Callable[[bytes], object]:
         def call(data: bytes) -> object:
@@ -545,10 +723,101 @@ def _peer_targets(gen: Callable[..., Callable[[random.Random], bytes]]) -> list[
 
         return call
 
+    def feed_fragments(role: str, peer_of: Callable[[], Peer]) -> Callable[[bytes], object]:
+        view = views[role]
+
+        def call(data: bytes) -> object:
+            peer = peer_of()
+            for datagram in _unbatch(data):
+                peer.receive_fragment(datagram, now)
+                sent = any(isinstance(a, SendDatagram) for a in peer.take_actions())
+                if (
+                    sent
+                    and classify_datagram(datagram) != "retry"
+                    and not guard.mac1_ok(datagram, view.mac1_key)
+                ):
+                    raise InvariantError("a datagram without a valid mac1 made the engine send")
+            return None
+
+        return call
+
+    master_engine, slave_engine = engine("master"), engine("slave")
     return [
-        Target("peer.master.receive", (), gen(pool, keep=0.1), feed(lambda: harness.master)),
-        Target("peer.slave.receive", (), gen(pool, keep=0.1), feed(lambda: harness.slave)),
-    ]
+        Target("peer.master.receive", (), gen(pool, keep=0.1), feed(engine("master"))),
+        Target("peer.slave.receive", (), gen(pool, keep=0.1), feed(engine("slave"))),
+        Target("peer.master.receive_fragment", (), _fragment_generator(views["master"], pool),
+               feed_fragments("master", master_engine), coverage=lambda: vars(master_engine().stats)),
+        Target("peer.slave.receive_fragment", (), _fragment_generator(views["slave"], pool),
+               feed_fragments("slave", slave_engine), coverage=lambda: vars(slave_engine().stats)),
+    ]  # fmt: skip
+
+
+def _retry_call(corpus: RetryCorpus) -> Callable[[bytes], object]:
+    """The Retry path as ``Peer`` takes it: ``parse_retry_head`` (None: dropped), then ``open_retry``.
+
+    Invariant: only a Retry the corpus sender sealed opens (AES-GCM over head, nonce and mac1).
+    """
+    genuine = {s.data for s in corpus.samples}
+    fallback = next(iter(corpus.answered.values()))
+
+    def call(data: bytes) -> object:
+        head = guard.parse_retry_head(data)
+        if head is None:
+            return None
+        sent = corpus.answered.get(head, fallback)  # unmatched: still try AES-GCM with some mac1
+        challenge = guard.open_retry(data, sent_mac1=sent, peer_retry_key=corpus.retry_key)
+        if data not in genuine or len(challenge) != CHALLENGE_SIZE:
+            raise InvariantError("open_retry accepted a Retry the peer never sealed")
+        return challenge
+
+    return call
+
+
+def _retry_head_call(data: bytes) -> object:
+    head = guard.parse_retry_head(data)
+    if head is not None and (len(data) != RETRY_SIZE or data[0] != MSG_RETRY or
+                             head != (int.from_bytes(data[4:8], "big"), data[8])):  # fmt: skip
+        raise InvariantError(f"parse_retry_head returned {head} for a datagram that does not say so")
+    return head
+
+
+def _mac_call(genuine: Sequence[Sample], which: int) -> Callable[[bytes], object]:
+    """``guard.mac1_ok`` (which=1) or ``mac2_ok`` (which=2): a bool, never an exception.
+
+    Invariant: mac1 passes only if everything before mac2 is a genuine fragment's, mac2 only for a
+    genuine datagram (HMAC-SHA-384 forgeries do not happen by mutation).
+    """
+    whole = {s.data for s in genuine}
+    prefixes = {s.data[:-FRAGMENT_MAC_SIZE] for s in genuine}
+    mac1_key = guard.mac1_key(CORPUS_RECEIVER_PK)
+
+    def call(data: bytes) -> object:
+        ok = guard.mac1_ok(data, mac1_key) if which == 1 else guard.mac2_ok(data, list(CORPUS_CHALLENGES))
+        if not isinstance(ok, bool):
+            raise InvariantError(f"mac{which}_ok returned {ok!r}")
+        if ok and (data[:-FRAGMENT_MAC_SIZE] not in prefixes if which == 1 else data not in whole):
+            raise InvariantError(f"mac{which}_ok accepted a forged fragment")
+        return True if ok else None
+
+    return call
+
+
+def _guard_targets(frags: list[Sample], rng: random.Random) -> list[Target]:
+    """``qgate.protocol.guard``: the Retry path, the Retry header parser, mac1 and mac2 checks."""
+    retries = RetryCorpus.build(frags, rng)
+    pool = retries.samples + frags
+    auth = (AuthenticationError,)
+    return [
+        Target("guard.parse_retry_head", (), _gen(pool, 0.1), _retry_head_call, none_rejects=True),
+        Target("guard.open_retry", auth, _gen(retries.samples + frags[:8], 0.1), _retry_call(retries),
+               none_rejects=True),
+        Target("guard.mac1_ok", (), _gen(frags, 0.1), _mac_call(frags, 1), none_rejects=True),
+        Target("guard.mac2_ok", (), _gen(frags, 0.1), _mac_call(frags, 2), none_rejects=True),
+    ]  # fmt: skip
+
+
+def _gen(pool: list[Sample], keep: float) -> Callable[[random.Random], bytes]:
+    return lambda r: mutate_bytes(r, pool, keep=keep)
 
 
 # --- runner -------------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Final
 
 # --- Wire protocol (docs/protocol.md) -------------------------------------------------
-PROTOCOL_VERSION: Final = 1
-"""qgate wire-protocol version carried in every handshake message."""
+PROTOCOL_VERSION: Final = 2
+"""qgate wire-protocol version carried in every handshake message (2: challenge freshness, MAC1/MAC2)."""
 
 MSG_HANDSHAKE_FRAGMENT: Final = 0x01
 """Datagram type byte: one fragment of a handshake-class message."""
+MSG_RETRY: Final = 0x02
+"""Datagram type byte: a Retry handing out the responder's challenge (protocol.md 2.3)."""
 MSG_DATA: Final = 0x04
 """Datagram type byte: one sealed inner IP packet (or an empty keepalive)."""
 
@@ -32,6 +34,31 @@ FRAGMENT_HEADER_SIZE: Final = 8
 """Bytes: type(1) || msg_type(1) || index(1) || count(1) || message_id(4)."""
 FRAGMENT_PAYLOAD_MAX: Final = 1152
 """Bytes of message per handshake fragment, so a fragment fits the IPv6 minimum MTU (RFC 8200: 1280)."""
+FRAGMENT_MAC_SIZE: Final = 16
+"""Bytes of each of mac1 and mac2 at the end of a handshake fragment (HMAC-SHA-384 truncated)."""
+FRAGMENT_TRAILER_SIZE: Final = 2 * FRAGMENT_MAC_SIZE
+"""Bytes: mac1(16) || mac2(16) after every fragment's payload; 8 + 1152 + 32 + 48 = 1240 <= 1280."""
+CHALLENGE_SIZE: Final = 32
+"""Bytes of a responder challenge (the freshness nonce M1 and Kick echo, and the mac2 key)."""
+CHALLENGE_BOOK_SIZE: Final = 3
+"""Challenges a side keeps (newest first); mac2 is accepted under any of them."""
+RETRY_NONCE_SIZE: Final = 12
+"""Bytes: the random AES-GCM nonce of a Retry datagram."""
+RETRY_SIZE: Final = 72
+"""Bytes of a Retry datagram: header(12) || nonce(12) || challenge(32) || tag(16)."""
+RETRY_RATE: Final = 100.0
+"""Retry datagrams per second per peer at most (burst 100): 72 bytes and one AES-GCM each, smaller
+than what triggers them (never an amplifier), and always sent to the peer's configured address."""
+EXPENSIVE_RATE: Final = 4.0
+"""Signature checks and KEM operations per second per peer at most (burst EXPENSIVE_BURST)."""
+EXPENSIVE_BURST: Final = 16.0
+"""Expensive operations a peer may use at once before the EXPENSIVE_RATE budget applies."""
+KICK_HANDSHAKE_MIN_INTERVAL: Final = 2.0
+"""Seconds: a master starts a Kick-driven full handshake at most this often."""
+LOCAL_EVIDENCE_TTL: Final = 10.0
+"""Seconds a failed request to this side's own KME counts as evidence that QKD keys are down."""
+ANCHORS_KEPT: Final = 4
+"""QKD-backed chaining keys kept per peer for degraded handshakes (the newest few epochs)."""
 FRAGMENT_COUNT_MAX: Final = 16
 """Fragments per handshake message at most (16 x 1152 = 18 KiB, above any message qgate sends)."""
 REASSEMBLY_TIMEOUT: Final = 5.0
@@ -53,7 +80,7 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 EPOCH_GRACE: Final = 2.0
 """Seconds a replaced epoch still opens reordered packets (make-before-break)."""
 KICK_INTERVAL: Final = 1.0
-"""Seconds between a slave's signed Kicks at most (no session, a dead QKD key_ID, or the packet limit)."""
+"""Seconds between a slave's signed Kicks at most (no usable session, or a dead QKD key_ID)."""
 
 # --- Key sizes -------------------------------------------------------------------------
 HASH_SIZE: Final = 48

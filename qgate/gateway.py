@@ -33,7 +33,8 @@ from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tunio import VnetTun
 from qgate.dataplane.udpio import UdpBatchIO
 from qgate.errors import ConfigError, DataPlaneError, QgateError
-from qgate.keyfiles import load_identity, load_peer_public_key
+from qgate.failagg import FailureAggregator, Summary, is_aggregated
+from qgate.keyfiles import load_identity, load_peer_public_key, load_ppk
 from qgate.keysupply import KeyStock, paced_interval
 from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import QkdKey, Status
@@ -48,6 +49,7 @@ from qgate.protocol.peer import (
     Peer,
     PeerConfig,
     PeerEvent,
+    ProbeKme,
     SendDatagram,
 )
 from qgate.reload import plan_reload
@@ -101,6 +103,7 @@ class GatewayStats:
     """Counters of the gateway itself (the forwarder keeps the data path's)."""
 
     audit_failures: int = 0
+    audit_dropped: int = 0  # records the audit writer could not take (queue full, or after a failure)
 
 
 @dataclass
@@ -129,6 +132,9 @@ def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
         kem_interval=p.rekey.kem_interval,
         max_key_age=p.rekey.max_key_age,
         fail_mode=p.fail_mode,
+        ppk=load_ppk(p.ppk.file) if p.ppk is not None else None,
+        ppk_id=p.ppk.id if p.ppk is not None else "",
+        ppk_mandatory=p.ppk.mandatory if p.ppk is not None else False,
     )
 
 
@@ -160,13 +166,10 @@ class Gateway:
         self._started = time.monotonic()
         self._mtu = policy.tun.mtu
         self._run_user = run_user
-        # No background fsync thread when privileges will be dropped (the drop needs a single thread):
-        # every audit record is then fsynced as it is written.
-        self._audit = (
-            AuditLog.open(audit_log, gateway=policy.name, fsync_interval=0.0 if run_user else 1.0)
-            if audit_log is not None
-            else None
-        )
+        # Opened before the privilege drop; its writer thread starts in ``run`` after it (the drop
+        # needs a single thread). ``append`` only queues: no disk I/O on the event loop.
+        self._audit = AuditLog.open(audit_log, gateway=policy.name) if audit_log is not None else None
+        self._failures = FailureAggregator()  # unauthenticated failures: one summary per interval
         self._metrics: MetricsServer | None = None
         self._check_files()
         identity = load_identity(policy.identity)
@@ -180,7 +183,6 @@ class Gateway:
                 identity=identity,
                 peer_key=load_peer_public_key(p.public_key),
                 rng=os.urandom,
-                wall_ns=time.time_ns,
                 now=now,
                 index_taken=self._index_taken,
             )
@@ -200,14 +202,35 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _check_files(self) -> None:
-        """Warn about key and certificate files others could read or replace (issue: safe permissions)."""
+        """Refuse secret files others could use; warn about files others could replace (safe permissions).
+
+        Raises:
+            ConfigError: a secret file (``gateway.identity``, ``kme.key``, a peer's ``ppk.file``) gives
+                group or others any access; the message names each such file, its field, mode and fix.
+        """
+        from qgate.privileges import unsafe_secret_mode
+
         pol = self.policy
-        files = [(pol.identity, True), (pol.kme.key, True), (pol.kme.cert, False), (pol.kme.ca, False)]
-        files += [(p.public_key, False) for p in pol.peers]
+        files = [("gateway.identity", pol.identity, True), ("kme.key", pol.kme.key, True)]
+        files += [("kme.cert", pol.kme.cert, False), ("kme.ca", pol.kme.ca, False)]
+        for i, p in enumerate(pol.peers):
+            files.append((f"peers[{i}].public_key", p.public_key, False))
+            if p.ppk is not None:
+                files.append((f"peers[{i}].ppk.file", p.ppk.file, True))
         user: str | int | None = self._run_user or (os.geteuid() if os.geteuid() != 0 else None)
-        for path, secret in files:
+        refused = []
+        for where, path, secret in files:
+            mode = unsafe_secret_mode(path) if secret else None
+            if mode is not None:
+                refused.append(
+                    f"{path} ({where}) is readable or usable by group/others (mode {mode:04o});"
+                    f" chmod 600 {path}"
+                )
+                continue
             for warning in check_file_safety(path, secret=secret, run_user=user):
                 log.warning("%s", warning)
+        if refused:
+            raise ConfigError("refusing to start: secret file not private: " + "; ".join(refused))
 
     def _index_taken(self, index: int) -> bool:
         """Whether a receiver index is in use by any peer (indexes route data to peers)."""
@@ -233,6 +256,8 @@ class Gateway:
                 log.info(
                     "now running as %s with %s only", result.user, ", ".join(sorted(result.kept)) or "none"
                 )
+            if self._audit is not None:
+                self._audit.start()  # after the drop: the writer thread has the reduced credentials
             if self.policy.metrics is not None:
                 endpoint = self.policy.metrics
                 status = status_from_loop(self._loop, lambda: self.status(time.monotonic()))
@@ -336,11 +361,13 @@ class Gateway:
                 if due is None or due <= now:
                     link.engine.handle_timer(now)
                     self._flush(link)
+            self._audit_summaries(self._failures.due(now))
             if now >= next_stats:
                 self._write_stats()
                 next_stats = now + STATS_PERIOD
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), TICK)
+        self._audit_summaries(self._failures.flush(time.monotonic()))  # the open windows, before stop
 
     # ----- data plane (qgate.dataplane.forwarder) -------------------------------------
     def _on_tun_readable(self) -> None:
@@ -387,13 +414,23 @@ class Gateway:
             self._send(link, action.data)
         elif isinstance(action, FetchEncKeys | FetchDecKeys):
             self._fetch(link, action)
+        elif isinstance(action, ProbeKme):
+            link.next_status_at = 0.0  # the engine wants local evidence now: poll on the next tick
+        elif isinstance(action, PeerEvent) and is_aggregated(action.kind):
+            # Unauthenticated or malformed input: anyone can send it, so it is counted and summarised
+            # (``_timer_loop``), never one audit record or one log line each.
+            if action.kind in _WARN_EVENTS:
+                self._log_event(action)  # rate-limited there
+            peer = str(action.detail.get("peer", link.policy.name))
+            reason = str(action.detail.get("reason", ""))
+            self._failures.add(peer, action.kind, reason, time.monotonic())
         elif isinstance(action, PeerEvent):
             self._log_event(action)
             if action.kind in AUDITED_EVENTS:
                 self._audit_event(action.kind, **action.detail)
 
-    def _audit_event(self, kind: str, **fields: str | int | float) -> None:
-        """Append an audit record; a failing audit log is logged and counted, never fatal to traffic."""
+    def _audit_event(self, kind: str, /, **fields: str | int | float) -> None:
+        """Queue an audit record; a failing or full log is logged and counted, never fatal to traffic."""
         if self._audit is None:
             return
         try:
@@ -401,6 +438,19 @@ class Gateway:
         except QgateError as exc:
             self.stats.audit_failures += 1
             log.error("audit log: %s", exc)
+        self.stats.audit_dropped = self._audit.dropped
+
+    def _audit_summaries(self, summaries: list[Summary]) -> None:
+        """Log and audit ``FailureAggregator`` summaries as ``unauthenticated_summary`` records."""
+        for summary in summaries:
+            log.warning(
+                "unauthenticated %s from %s: %s in %s s (last reason: %s)",
+                summary["kind"], summary["peer"], summary["count"], summary["interval_s"],
+                summary["last_reason"],
+            )  # fmt: skip
+            self._audit_event("unauthenticated_summary", **summary)
+        if self._audit is not None:
+            self.stats.audit_dropped = self._audit.dropped
 
     def _fetch(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys) -> None:
         assert self._loop is not None
@@ -435,15 +485,19 @@ class Gateway:
         self._flush(link)
 
     def _supply(self, link: _PeerLink, now: float) -> None:
-        """Keep the master's key stock filled and poll the KME's stock (ETSI 014 status)."""
+        """Keep the master's key stock filled; poll the KME's status on either side (ETSI 014 5.1).
+
+        The slave's polls are its local evidence for or against a degraded handshake.
+        """
         assert self._loop is not None
-        if link.policy.qkd_role != "master":
-            return
-        self._pace(link)
-        number = link.stock.refill_request(now)
-        if number:
-            call = functools.partial(self._kms.enc_keys, link.policy.sae_id, number, link.policy.qkd_key_bits)
-            self._loop.run_in_executor(None, call).add_done_callback(functools.partial(self._refilled, link))
+        if link.policy.qkd_role == "master":
+            self._pace(link)
+            number = link.stock.refill_request(now)
+            if number:
+                size = link.policy.qkd_key_bits
+                call = functools.partial(self._kms.enc_keys, link.policy.sae_id, number, size)
+                future = self._loop.run_in_executor(None, call)
+                future.add_done_callback(functools.partial(self._refilled, link))
         if now >= link.next_status_at:
             link.next_status_at = now + STATUS_POLL_INTERVAL
             status = functools.partial(self._kms.status, link.policy.sae_id)
@@ -496,7 +550,9 @@ class Gateway:
         """Publish the KME's stock; log when the KME becomes unreachable or comes back (once each)."""
         exc = future.exception()
         ok = exc is None
-        link.stock.stats.kme_stored_key_count = future.result().stored_key_count if ok else None
+        stored = future.result().stored_key_count if ok else None
+        link.stock.stats.kme_stored_key_count = stored
+        link.engine.kme_observed(ok, time.monotonic(), empty=stored == 0)
         if ok and link.kme_ok is not True:
             log.info("KME %s answers for peer %s: %s", self.policy.kme.url, link.policy.name, future.result())
         elif not ok and link.kme_ok is not False:

@@ -51,6 +51,7 @@ DROP_REASONS: Final = (
 """Keys of a peer's ``drops`` mapping, exported as ``qgate_drops_total{reason=...}``."""
 GATEWAY_COUNTERS: Final[Mapping[str, str]] = {
     "audit_failures": "Audit log records that could not be written",
+    "audit_dropped": "Audit records lost: queue full, or still queued when writing failed",
     "rx_not_qgate": "UDP datagrams that are not qgate messages",
     "rx_unknown_source": "Handshake fragments from an address that is no configured peer",
     "rx_unknown_index": "Data records matching no peer (receiver index or address)",

@@ -1,8 +1,9 @@
 """Valid seed inputs for the parser fuzzer (bench/fuzz.py, tests/test_fuzz_short.py), from qgate's encoders.
 
-* handshake messages of every type (``qgate.protocol.messages``) at ML-KEM-768/ML-DSA-65 and
-  ML-KEM-1024/ML-DSA-87 sizes, their fragments (``fragment_message``), and the integer fields
-  (length prefixes, counts, header fields) of each for length-field mutations;
+* handshake messages of every type (``qgate.protocol.messages``, protocol version 2) at
+  ML-KEM-768/ML-DSA-65 and ML-KEM-1024/ML-DSA-87 sizes, their fragments (``fragment_message``) with
+  the mac1 || mac2 trailer (``guard.add_macs``), Retries answering them (``guard.seal_retry``), and
+  the integer fields (length prefixes, counts, header fields) of each for length-field mutations;
 * data packets sealed by an ``EpochSet`` with fixed keys, and a receiver with previous, current and
   next epochs (docs/protocol.md section 6);
 * ETSI GS QKD 014 JSON answers (section 6.1 Status example, Key containers, Error bodies);
@@ -15,6 +16,7 @@ the right sizes (the parsers check form, not cryptography).
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import random
 import re
@@ -25,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from qgate.constants import CHALLENGE_SIZE, RETRY_NONCE_SIZE
 from qgate.crypto.secret import Secret
 from qgate.dataplane.offload import VNET_F_NEEDS_CSUM, VnetHeader, fold, split_tso, sum16
 from qgate.dataplane.routing import RouteTable
+from qgate.protocol import guard
 from qgate.protocol import messages as m
 from qgate.protocol.epoch import Epoch, EpochSet
-from qgate.protocol.wire import fragment_message
+from qgate.protocol.wire import fragment_message, parse_fragment
 
 REPO: Final = Path(__file__).resolve().parent.parent
 Fields = tuple[tuple[int, int], ...]
@@ -47,15 +51,17 @@ class Sample:
 
 # --- protocol samples -------------------------------------------------------------------------------
 
-_LAYOUTS: Final[dict[int, tuple[str, ...]]] = {
-    1: ("u8", "u8", "u8", "u16", "u64", "u32", "u32", "f32", "s8", "s8", "b16", "b8", "ids", "b16"),
-    2: ("u8", "u32", "u32", "u32", "f32", "b16", "b8", "b16", "f32"),
+_LAYOUTS: Final[dict[int, tuple[str, ...]]] = {  # protocol version 2 (qgate.protocol.messages)
+    1: ("u8", "u8", "u8", "u16", "u32", "u32", "f32", "f32", "f32", "f16", "s8", "s8", "s8", "b16", "b8",
+        "ids", "b16"),
+    2: ("u8", "u32", "u32", "u32", "f32", "f32", "b16", "b8", "b16", "f32"),
     3: ("u8", "u32", "u32", "f32"),
-    4: ("u8", "u32", "u32", "u32", "ids", "f32"),
+    4: ("u8", "u32", "u32", "u32", "f32", "ids", "f32"),
     5: ("u8", "u32", "u32", "u32", "f32"),
     6: ("u8", "u32", "u32", "f32"),
-    7: ("u8", "u64", "s8", "s8", "b16"),
-}
+    7: ("u8", "s8", "s8", "u8", "f32", "f32", "b16"),
+}  # fmt: skip
+"""Field kinds per message type: ``uN`` integer, ``fN`` N fixed bytes, ``s8``/``b8``/``b16`` prefixed."""
 
 
 def message_fields(msg_type: int, data: bytes, shift: int = 0) -> Fields:
@@ -66,8 +72,8 @@ def message_fields(msg_type: int, data: bytes, shift: int = 0) -> Fields:
             width = int(kind[1:]) // 8
             out.append((pos, width))
             pos += width
-        elif kind == "f32":
-            pos += 32
+        elif kind[0] == "f":
+            pos += int(kind[1:])
         elif kind in ("s8", "b8"):
             out.append((pos, 1))
             pos += 1 + data[pos]
@@ -80,13 +86,15 @@ def message_fields(msg_type: int, data: bytes, shift: int = 0) -> Fields:
             for _ in range(count):
                 out.append((pos, 1))
                 pos += 1 + data[pos]
+    assert pos == len(data), f"layout of message type {msg_type} does not cover the encoding"
     return tuple((offset + shift, width) for offset, width in out)
 
 
 def build_messages(rng: random.Random) -> list[m.Message]:
-    """Return valid messages of every type: ML-KEM-768/ML-DSA-65 and ML-KEM-1024/ML-DSA-87 sizes.
+    """Return valid version-2 messages of every type: ML-KEM-768/ML-DSA-65 and ML-KEM-1024/ML-DSA-87 sizes.
 
-    Field contents are deterministic bytes of the right sizes (the parsers check form, not crypto).
+    Field contents are deterministic bytes of the right sizes (the parsers check form, not crypto);
+    the set includes a degraded M1 (no key_IDs, an anchor_id) and an M1 naming a PPK.
     """
 
     def ids(n: int) -> tuple[str, ...]:
@@ -96,47 +104,107 @@ def build_messages(rng: random.Random) -> list[m.Message]:
         return rng.getrandbits(32) | 1
 
     out: list[m.Message] = []
-    for kem_id, ek, ct, sig, x_on, n_ids in ((2, 1184, 1088, 3309, True, 1), (3, 1568, 1568, 4627, False, 3)):
+    variants = ((2, 1184, 1088, 3309, True, 1, ""), (3, 1568, 1568, 4627, False, 3, "ppk-2026"))
+    for kem_id, ek, ct, sig, x_on, n_ids, ppk_id in variants:
         xpub = rng.randbytes(32) if x_on else b""
-        out.append(
-            m.InitHello(
-                kem_id,
-                x_on,
-                256,
-                rng.getrandbits(63),
-                u32(),
-                7,
-                rng.randbytes(32),
-                "SAE_A",
-                "SAE_B",
-                rng.randbytes(ek),
-                xpub,
-                ids(n_ids),
-                rng.randbytes(sig),
+        for key_ids, anchor in ((ids(n_ids), m.NO_ANCHOR), ((), rng.randbytes(m.ANCHOR_ID_SIZE))):
+            out.append(
+                m.InitHello(
+                    kem_id=kem_id,
+                    x25519=x_on,
+                    qkd_bits=256,
+                    sender_index=u32(),
+                    epoch=7,
+                    random=rng.randbytes(32),
+                    echo=rng.choice((m.NO_CHALLENGE, rng.randbytes(CHALLENGE_SIZE))),
+                    challenge=rng.randbytes(CHALLENGE_SIZE),
+                    anchor_id=anchor,
+                    ppk_id=ppk_id,
+                    master_sae="SAE_A",
+                    slave_sae="SAE_B",
+                    ek=rng.randbytes(ek),
+                    x25519_pub=xpub,
+                    key_ids=key_ids,
+                    signature=rng.randbytes(sig),
+                )
             )
+        out.append(m.RespHello(u32(), u32(), 7, rng.randbytes(32), rng.randbytes(CHALLENGE_SIZE),
+                               rng.randbytes(ct), xpub, rng.randbytes(sig), rng.randbytes(32)))  # fmt: skip
+        for reason in sorted(m.KICK_REASONS):
+            echo = rng.choice((m.NO_CHALLENGE, rng.randbytes(CHALLENGE_SIZE)))
+            out.append(
+                m.Kick("SAE_A", "SAE_B", reason, echo, rng.randbytes(CHALLENGE_SIZE), rng.randbytes(sig))
+            )
+        out.append(
+            m.RatchetRequest(u32(), u32(), 8, rng.randbytes(CHALLENGE_SIZE), ids(n_ids), rng.randbytes(32))
         )
-        out.append(m.RespHello(u32(), u32(), 7, rng.randbytes(32), rng.randbytes(ct), xpub,
-                               rng.randbytes(sig), rng.randbytes(32)))  # fmt: skip
-        out.append(m.Kick(rng.getrandbits(63), "SAE_A", "SAE_B", rng.randrange(3), rng.randbytes(sig)))
-        out.append(m.RatchetRequest(u32(), u32(), 8, ids(n_ids), rng.randbytes(32)))
     out += [m.InitConfirm(u32(), 7, rng.randbytes(32)), m.RatchetResponse(u32(), u32(), 8, rng.randbytes(32))]
     out += [
         m.RatchetConfirm(u32(), 8, rng.randbytes(32)),
-        m.RatchetRequest(u32(), u32(), 1, ("k",), bytes(32)),
+        m.RatchetRequest(u32(), u32(), 1, bytes(CHALLENGE_SIZE), ("k",), bytes(32)),
     ]
     return out
 
 
+# The corpus receiver's identity and challenges (docs/protocol.md 2.3): fragments carry its mac1 and a
+# mac2 under one of its challenges (or none), Retries are sealed by the corpus sender.
+CORPUS_RECEIVER_PK: Final = hashlib.shake_256(b"qgate fuzz corpus: receiver public key").digest(1952)
+CORPUS_SENDER_PK: Final = hashlib.shake_256(b"qgate fuzz corpus: sender public key").digest(1952)
+CORPUS_CHALLENGES: Final = tuple(
+    hashlib.shake_256(b"qgate fuzz corpus: challenge %d" % i).digest(CHALLENGE_SIZE) for i in range(3)
+)
+
+
 def fragment_samples(msgs: Sequence[m.Message], rng: random.Random) -> list[Sample]:
-    """Return every fragment of every message, with header fields and (first fragment) message fields."""
+    """Return every fragment of every message with its 32-byte mac1 || mac2 trailer (``guard.add_macs``).
+
+    mac1 is for ``CORPUS_RECEIVER_PK``; mac2 under one of ``CORPUS_CHALLENGES`` or zero (no
+    challenge known). Fields: the fragment header and, within the fragment, the message's fields.
+    """
     header: Fields = ((0, 1), (1, 1), (2, 1), (3, 1), (4, 4))
+    mac1_key = guard.mac1_key(CORPUS_RECEIVER_PK)
     out = []
     for msg in msgs:
         encoded = msg.encode()
         inner = message_fields(msg.TYPE, encoded, shift=8)
+        challenge = rng.choice((None, *CORPUS_CHALLENGES))
         for frag in fragment_message(msg.TYPE, encoded, rng.getrandbits(32)):
-            out.append(Sample(frag, header + tuple(f for f in inner if f[0] < len(frag))))
+            datagram = guard.add_macs(frag, peer_mac1_key=mac1_key, peer_challenge=challenge)
+            out.append(Sample(datagram, header + tuple(f for f in inner if f[0] < len(frag))))
     return out
+
+
+RETRY_FIELDS: Final[Fields] = ((0, 1), (1, 3), (4, 4), (8, 1), (9, 3))
+"""type, reserved, message_id, index, reserved of the 72-byte Retry (guard.py)."""
+
+
+@dataclass(frozen=True)
+class RetryCorpus:
+    """Retries the corpus sender sealed for fragments of the corpus, and how to open them.
+
+    Attributes:
+        samples: the Retry datagrams (72 bytes each).
+        answered: mac1 of the fragment each ``(message_id, index)`` names (what the receiver sent).
+        retry_key: ``guard.retry_key(CORPUS_SENDER_PK)``.
+    """
+
+    samples: list[Sample]
+    answered: dict[tuple[int, int], bytes]
+    retry_key: bytes
+
+    @classmethod
+    def build(cls, fragments: Sequence[Sample], rng: random.Random) -> RetryCorpus:
+        key = guard.retry_key(CORPUS_SENDER_PK)
+        samples, answered = [], {}
+        for frag in fragments:
+            parsed = parse_fragment(frag.data)
+            mac1 = guard.fragment_mac1(frag.data)
+            answered[(parsed.message_id, parsed.index)] = mac1
+            retry = guard.seal_retry(message_id=parsed.message_id, index=parsed.index, answered_mac1=mac1,
+                                     challenge=rng.choice(CORPUS_CHALLENGES), my_retry_key=key,
+                                     nonce=rng.randbytes(RETRY_NONCE_SIZE))  # fmt: skip
+            samples.append(Sample(retry, RETRY_FIELDS))
+        return cls(samples, answered, key)
 
 
 def _epoch(index: int, key: bytes, *, peer_index: int) -> Epoch:

@@ -7,6 +7,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +18,16 @@ from hypothesis import strategies as st
 
 from qgate.audit import (
     GENESIS_PREV,
+    WRITER_THREAD,
     AuditLog,
     line_digest,
+    log_series,
     record_hash,
     render_line,
+    rotated_path,
     verify_file,
     verify_lines,
+    verify_series,
 )
 from qgate.cli.audit import audit
 from qgate.crypto.secret import Secret
@@ -100,7 +105,8 @@ def test_reopen_resumes_seq_and_chain(tmp_path: Path) -> None:
     _write_log(path, events=2)
     with _open(path) as log:
         assert log.records == 3
-        assert log.append("policy_reload", policy="site-a.yaml") == 4
+        assert log.append("policy_reload", policy="site-a.yaml")
+        assert log.flush() and log.records == 4
         head = log.head
     lines = path.read_bytes().splitlines(keepends=True)
     assert sum(b"audit_start" in line for line in lines) == 1
@@ -140,7 +146,7 @@ def test_reopen_finds_the_tail_of_a_file_longer_than_one_read_block(tmp_path: Pa
             log.append("handshake_complete", peer="site-b", reason="x" * 500, epoch=n)
     assert path.stat().st_size > 3 * 65536
     with _open(path) as log:
-        assert log.append("gateway_stop") == 302
+        assert log.append("gateway_stop")
     assert verify_file(path).records == 302
 
 
@@ -177,7 +183,7 @@ def test_key_material_fields_are_dropped_and_named_in_redacted(
 
 def test_reserved_or_malformed_event_names_are_refused(tmp_path: Path) -> None:
     with _open(tmp_path / "audit.log") as log:
-        for bad in ("audit_start", "", "Handshake", "a b"):
+        for bad in ("audit_start", "audit_overflow", "", "Handshake", "a b"):
             with pytest.raises(ValueError, match="audit"):
                 log.append(bad)
 
@@ -194,15 +200,17 @@ def test_close_logs_the_head_as_an_anchor(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.INFO, logger="qgate.audit"):
         log = _open(tmp_path / "audit.log")
         log.append("gateway_start")
-        head = log.head
         log.close()
+        head = log.head
     assert f"closed; head {head}" in caplog.text and head.startswith("2:")
+    assert head == verify_file(tmp_path / "audit.log").head
 
 
 def test_concurrent_appends_from_threads_keep_the_chain_valid(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     barrier = threading.Barrier(8)
     with AuditLog.open(path, gateway="site-a", fsync_interval=0.01) as log:
+        log.start()
 
         def worker(n: int) -> None:
             barrier.wait()
@@ -228,10 +236,195 @@ def test_background_fsync_runs_and_stops_on_close(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(os, "fsync", fsync)
     log = AuditLog.open(tmp_path / "audit.log", gateway="site-a", fsync_interval=0.01)
+    log.start()
     log.append("gateway_start")
     assert synced.wait(5)
     log.close()
-    assert not any(t.name == "qgate-audit-fsync" for t in threading.enumerate())
+    assert not any(t.name == WRITER_THREAD for t in threading.enumerate())
+
+
+# ----- writer thread, overflow, rotation ---------------------------------------------
+def _records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def _tasks() -> int:
+    """OS threads of this process (what ``drop_privileges`` counts)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_no_thread_runs_until_start_so_a_privilege_drop_can_follow_open(tmp_path: Path) -> None:
+    before = _tasks()
+    log = AuditLog.open(tmp_path / "audit.log", gateway="site-a")  # the gateway's settings: 1 s fsync
+    log.append("gateway_start")
+    assert _tasks() == before
+    assert not any(t.name == WRITER_THREAD for t in threading.enumerate())
+    log.start()
+    log.start()  # idempotent: still one writer
+    assert sum(t.name == WRITER_THREAD for t in threading.enumerate()) == 1
+    log.close()
+    assert not any(t.name == WRITER_THREAD for t in threading.enumerate())
+
+
+def test_records_appended_before_start_wait_and_are_written_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog.open(path, gateway="site-a", fsync_interval=0.01, clock=FakeClock())
+    for n in range(3):
+        assert log.append("handshake_complete", peer="site-b", epoch=n)
+    assert path.read_bytes().count(b"\n") == 1  # only audit_start: nothing written on this thread
+    log.start()
+    assert log.flush(timeout=5)
+    assert [r["epoch"] for r in _records(path)[1:]] == [0, 1, 2]
+    assert log.records == 4 and verify_file(path).ok
+    log.close()
+
+
+def test_append_stays_cheap_and_never_blocks_while_fsync_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+    fsyncs: list[int] = []
+    slow = threading.Event()
+    slow.set()
+
+    def slow_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        if slow.is_set():
+            time.sleep(0.2)  # a slow disk: the old code did this inside append, on the event loop
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    path = tmp_path / "audit.log"
+    log = AuditLog.open(path, gateway="site-a", fsync_interval=0)  # strict: fsync every batch
+    log.start()
+    worst, started = 0.0, time.perf_counter()
+    for n in range(10_000):
+        t0 = time.perf_counter()
+        log.append("authentication_failed", peer="site-b", reason="M1 signature", n=n)
+        worst = max(worst, time.perf_counter() - t0)
+    total = time.perf_counter() - started
+    slow.clear()  # let close drain quickly
+    assert worst < 0.1 and total < 3.0, (worst, total)  # one fsync alone takes 0.2 s
+    log.close()
+    assert fsyncs
+    result = verify_file(path)
+    assert result.ok, result
+    records = _records(path)
+    written = [r for r in records if r["event"] == "authentication_failed"]
+    lost = sum(int(str(r["dropped"])) for r in records if r["event"] == "audit_overflow")
+    assert len(written) + lost == 10_000 and lost == log.dropped
+    assert [r["n"] for r in written] == sorted(int(str(r["n"])) for r in written)  # queue order
+
+
+def test_overflow_is_counted_and_the_next_record_is_preceded_by_the_gap(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog.open(path, gateway="site-a", fsync_interval=0, clock=FakeClock(), queue_size=10)
+    accepted = [log.append("ratchet_complete", peer="site-b", epoch=n) for n in range(25)]
+    assert accepted == [True] * 10 + [False] * 15 and log.dropped == 15
+    log.start()
+    assert log.flush(timeout=5)
+    assert log.append("gateway_stop")
+    log.close()
+    events = [(r["seq"], r["event"], r.get("dropped")) for r in _records(path)]
+    assert events[-2:] == [(12, "audit_overflow", 15), (13, "gateway_stop", None)]
+    assert [e for _, e, _ in events[1:11]] == ["ratchet_complete"] * 10
+    assert verify_file(path).ok
+
+
+def test_drops_with_no_later_record_are_told_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog.open(path, gateway="site-a", fsync_interval=0, queue_size=2)
+    for n in range(5):
+        log.append("ratchet_complete", epoch=n)
+    log.close()
+    last = _records(path)[-1]
+    assert last["event"] == "audit_overflow" and last["dropped"] == 3 and last["seq"] == 4
+    assert log.dropped == 3 and verify_file(path).ok
+
+
+def test_rotation_keeps_at_most_keep_files_each_naming_the_old_head(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog.open(path, gateway="site-a", fsync_interval=0, max_bytes=2000, keep=2)
+    log.start()
+    for n in range(60):  # about 300 bytes each: a rotation every 6 or 7 records
+        log.append("ratchet_complete", peer="site-b", epoch=n, key_ids=f"id-{n:04d}a,id-{n:04d}b")
+        if n % 10 == 0:
+            assert log.flush(timeout=5)  # vary the batches: rotation also runs mid-stream
+    log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2"]
+    series = log_series(path)
+    assert series == [rotated_path(path, 2), rotated_path(path, 1), path]
+    results = verify_series(series)
+    assert all(r.ok for r in results), results
+    for older, newer, older_result in zip(series, series[1:], results, strict=False):
+        start = _records(newer)[0]
+        assert start["event"] == "audit_start" and start["prev_file_head"] == older_result.head
+        assert 2000 <= older.stat().st_size < 2000 + 10 * 400  # past the budget by one batch at most
+    epochs = [r["epoch"] for p in series for r in _records(p)[1:]]
+    assert epochs == list(range(60 - len(epochs), 60))  # the newest records, in order, none lost
+
+
+def test_a_cut_rotated_file_breaks_the_link_to_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog.open(path, gateway="site-a", fsync_interval=0, max_bytes=1500, keep=3) as log:
+        for n in range(20):
+            log.append("ratchet_complete", peer="site-b", epoch=n, key_ids="id-1,id-2")
+    older = rotated_path(path, 1)
+    older.write_bytes(b"".join(older.read_bytes().splitlines(keepends=True)[:-1]))
+    assert verify_file(older).ok  # on its own the cut is invisible ...
+    results = verify_series(log_series(path))
+    assert not results[-1].ok and results[-1].line == 1  # ... the newer file's audit_start shows it
+    assert "not the head of audit.log.1" in (results[-1].problem or "")
+
+
+def test_a_rotation_that_cannot_be_done_is_logged_and_the_file_keeps_growing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    (tmp_path / "audit.log.new").write_bytes(b"someone else's file\n")
+    with (
+        caplog.at_level(logging.ERROR, logger="qgate.audit"),
+        AuditLog.open(path, gateway="site-a", fsync_interval=0, max_bytes=1000) as log,
+    ):
+        for n in range(20):
+            log.append("ratchet_complete", peer="site-b", epoch=n)
+    assert "cannot rotate" in caplog.text and caplog.text.count("cannot rotate") == 1
+    assert not rotated_path(path, 1).exists() and verify_file(path).records == 21
+
+
+def test_a_write_failure_makes_later_appends_fail_and_counts_the_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qgate.audit as audit_module
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    log = AuditLog.open(tmp_path / "audit.log", gateway="site-a", fsync_interval=0)
+    monkeypatch.setattr(audit_module, "_write_all", disk_full)
+    log.start()
+    log.append("gateway_start")
+    assert not log.flush(timeout=5)
+    with pytest.raises(ConfigError, match="No space left"):
+        log.append("gateway_stop")
+    assert log.dropped == 1
+    log.close()
+
+
+def test_cli_verify_rotated_checks_every_file_and_the_links(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog.open(path, gateway="site-a", fsync_interval=0, max_bytes=1500, keep=4) as log:
+        for n in range(20):
+            log.append("ratchet_complete", peer="site-b", epoch=n, key_ids="id-1,id-2")
+    result = CliRunner().invoke(audit, ["verify", str(path), "--rotated", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["ok"] is True and [f["file"] for f in report["files"]][-1] == str(path)
+    assert len(report["files"]) == len(log_series(path)) > 1
+    older = rotated_path(path, 1)
+    older.write_bytes(older.read_bytes().replace(b'"epoch":', b'"epoch": ', 1))
+    bad = CliRunner().invoke(audit, ["verify", str(path), "--rotated"])
+    assert bad.exit_code == 1 and "audit.log.1: line" in bad.stderr
 
 
 # ----- tamper detection ---------------------------------------------------------------

@@ -14,7 +14,15 @@ from qgate.crypto.identity import IdentityKey
 from qgate.crypto.kem import get_kem
 from qgate.crypto.secret import Secret
 from qgate.protocol import peer as peer_module
-from qgate.protocol.peer import FetchDecKeys, FetchEncKeys, Peer, PeerConfig, PeerEvent, SendDatagram
+from qgate.protocol.peer import (
+    FetchDecKeys,
+    FetchEncKeys,
+    Peer,
+    PeerConfig,
+    PeerEvent,
+    ProbeKme,
+    SendDatagram,
+)
 from qgate.protocol.wire import classify_datagram
 
 IDENT_M = IdentityKey.generate("ml-dsa-65")
@@ -28,8 +36,11 @@ class Kme:
         self.store: dict[str, bytes] = {}
         self.down = False
         self.slave_down = False  # only the slave's KME fails (dec_keys)
+        self.enc_keys = 0  # QKD keys handed to the master
+        self.dec_calls = 0  # dec_keys requests from the slave
 
     def enc(self, number: int, bits: int) -> list[tuple[str, Secret]]:
+        self.enc_keys += number
         out = []
         for _ in range(number):
             key_id = str(uuid.uuid4())
@@ -37,7 +48,11 @@ class Kme:
             out.append((key_id, Secret(self.store[key_id])))
         return out
 
-    def dec(self, key_ids: tuple[str, ...]) -> list[tuple[str, Secret]]:
+    def dec(self, key_ids: tuple[str, ...]) -> list[tuple[str, Secret]] | None:
+        """Return the keys once (ETSI 014 dec_keys), or None for unknown or used key_IDs (HTTP 400)."""
+        self.dec_calls += 1
+        if not all(k in self.store for k in key_ids):
+            return None
         return [(k, Secret(self.store.pop(k))) for k in key_ids]
 
 
@@ -69,13 +84,11 @@ class Pair:
             kem_interval=kem_interval,
             max_key_age=max_key_age,
         )
-        wall = iter(range(10**9, 10**12, 1000))
         self.master = Peer(
             base,
             identity=IDENT_M,
             peer_key=IDENT_S.public_key(),
             rng=os.urandom,
-            wall_ns=lambda: next(wall),
             now=0.0,
         )
         self.slave = Peer(
@@ -83,7 +96,6 @@ class Pair:
             identity=IDENT_S,
             peer_key=IDENT_M.public_key(),
             rng=os.urandom,
-            wall_ns=lambda: next(wall),
             now=0.0,
         )
         self.wire: list[bytes] = []
@@ -112,7 +124,14 @@ class Pair:
                             action.request_id, self.kme.enc(action.number, action.size_bits), self.now
                         )
                     elif isinstance(action, FetchDecKeys):
-                        me.keys_fetched(action.request_id, self.kme.dec(action.key_ids), self.now)
+                        got = self.kme.dec(action.key_ids)
+                        if got is None:
+                            me.keys_failed(action.request_id, "key_IDs unknown or used", self.now)
+                        else:
+                            me.keys_fetched(action.request_id, got, self.now)
+                    elif isinstance(action, ProbeKme):  # the KME's status answer: local evidence
+                        down = self.kme.down or (me is self.slave and self.kme.slave_down)
+                        me.kme_observed(not down, self.now)
                     else:
                         self.events.append(action)
             if not moved:
@@ -144,7 +163,7 @@ def test_handshake_establishes_matching_keys_both_ways() -> None:
     got_s, got_m = pair.send_both_ways(b"hello through the tunnel")
     assert got_s == b"hello through the tunnel"
     assert got_m == b"hello through the tunnel"
-    assert all(classify_datagram(d) in ("handshake", "data") for d in pair.wire)
+    assert all(classify_datagram(d) in ("handshake", "retry", "data") for d in pair.wire)
     assert pair.master.stats.malformed_messages == pair.slave.stats.malformed_messages == 0
 
 
@@ -238,7 +257,6 @@ def test_slave_restart_is_healed_by_a_kick_and_a_fresh_handshake() -> None:
         identity=IDENT_S,
         peer_key=IDENT_M.public_key(),
         rng=os.urandom,
-        wall_ns=lambda: 5 * 10**12,
         now=pair.now,
     )
     pair.slave = fresh
@@ -281,7 +299,7 @@ def test_only_the_master_starts_exchanges_so_rekeys_never_collide() -> None:
     pair.run(5.0)
     kinds = {d[1] for d in sent_by_slave if classify_datagram(d) == "handshake"}
     assert kinds <= {2, 5, 7}  # M2, R2 and Kick: the slave never sends M1 or R1
-    assert pair.slave.stats.kicks_sent <= 1  # the one at start, before any session
+    assert pair.slave.stats.kicks_sent <= 2  # at start: one, and again with the challenge its Retry brought
     assert pair.master.stats.rekeys_qkd >= 10 and pair.master.stats.rekeys_kem >= 3
     assert pair.master.stats.handshake_failures == 0
 
@@ -292,7 +310,7 @@ def test_master_restart_is_healed_by_a_fresh_handshake_with_fresh_keys() -> None
     old = pair.master.epochs.current
     assert old is not None
     pair.master = Peer(pair.master.config, identity=IDENT_M, peer_key=IDENT_S.public_key(), rng=os.urandom,
-                       wall_ns=lambda: 7 * 10**12, now=pair.now)  # fmt: skip
+                       now=pair.now)  # fmt: skip
     pair.run(0.5)
     assert pair.send_both_ways(b"after restart") == (b"after restart", b"after restart")
     new = pair.master.epochs.current

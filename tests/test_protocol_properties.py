@@ -166,15 +166,12 @@ class Network:
             name="b", role="master", my_sae="SAE_A", peer_sae="SAE_B", kem=get_kem("ml-kem-768"),
             x25519=True, qkd_bits=256, interval=interval, kem_interval=4 * interval, max_key_age=3 * interval,
         )  # fmt: skip
-        wall = itertools.count(10**9, 1000)
         self.master = Peer(
-            config, identity=IDENT_M, peer_key=IDENT_S.public_key(), rng=os.urandom,
-            wall_ns=lambda: next(wall), now=0.0,
+            config, identity=IDENT_M, peer_key=IDENT_S.public_key(), rng=os.urandom, now=0.0,
         )  # fmt: skip
         self.slave = Peer(
             replace(config, name="a", role="slave", my_sae="SAE_B", peer_sae="SAE_A"),
-            identity=IDENT_S, peer_key=IDENT_M.public_key(), rng=os.urandom,
-            wall_ns=lambda: next(wall), now=0.0,
+            identity=IDENT_S, peer_key=IDENT_M.public_key(), rng=os.urandom, now=0.0,
         )  # fmt: skip
         self.fates = iter(schedule)
         self.flip = flip

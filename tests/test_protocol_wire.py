@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from qgate.constants import FRAGMENT_PAYLOAD_MAX, REPLAY_WINDOW_SIZE
+from qgate.constants import FRAGMENT_PAYLOAD_MAX, FRAGMENT_TRAILER_SIZE, REPLAY_WINDOW_SIZE
 from qgate.errors import RemoteProtocolError
 from qgate.protocol.messages import (
     InitConfirm,
@@ -30,6 +30,8 @@ from qgate.protocol.wire import (
     parse_fragment,
 )
 
+TRAILER = bytes(FRAGMENT_TRAILER_SIZE)
+"""mac1 || mac2 as zeros: framing tests (``guard`` checks the values)."""
 u32 = st.integers(0, 2**32 - 1)
 sae = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
 key_ids = st.lists(st.uuids().map(str), min_size=1, max_size=4, unique=True).map(tuple)
@@ -41,10 +43,13 @@ messages = st.one_of(
         kem_id=st.integers(0, 255),
         x25519=st.booleans(),
         qkd_bits=st.integers(0, 65535),
-        timestamp=st.integers(0, 2**64 - 1),
         sender_index=u32,
         epoch=u32,
         random=b32,
+        echo=b32,
+        challenge=b32,
+        anchor_id=st.binary(min_size=16, max_size=16),
+        ppk_id=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=64),
         master_sae=sae,
         slave_sae=sae,
         ek=st.binary(max_size=1568),
@@ -58,20 +63,31 @@ messages = st.one_of(
         receiver_index=u32,
         epoch=u32,
         random=b32,
+        challenge=b32,
         ct=st.binary(max_size=1568),
         x25519_pub=st.binary(max_size=32),
         signature=st.binary(max_size=4627),
         confirm=b32,
     ),
     st.builds(InitConfirm, receiver_index=u32, epoch=u32, confirm=b32),
-    st.builds(RatchetRequest, receiver_index=u32, sender_index=u32, epoch=u32, key_ids=key_ids, mac=b32),
+    st.builds(
+        RatchetRequest,
+        receiver_index=u32,
+        sender_index=u32,
+        epoch=u32,
+        challenge=b32,
+        key_ids=key_ids,
+        mac=b32,
+    ),
     st.builds(RatchetResponse, receiver_index=u32, sender_index=u32, epoch=u32, confirm=b32),
     st.builds(RatchetConfirm, receiver_index=u32, epoch=u32, confirm=b32),
     st.builds(
         Kick,
-        timestamp=st.integers(0, 2**64 - 1),
         master_sae=sae,
         slave_sae=sae,
+        reason=st.sampled_from([0, 1]),
+        echo=b32,
+        challenge=b32,
         signature=st.binary(max_size=4627),
     ),
 )
@@ -91,7 +107,7 @@ def test_fragments_reassemble_in_any_order_with_duplicates(msg: object, message_
     shuffled = frags + frags[:1]
     rnd.shuffle(shuffled)  # type: ignore[attr-defined]
     reassembler = Reassembler()
-    done = [r for f in shuffled if (r := reassembler.add(parse_fragment(f), 0.0)) is not None]
+    done = [r for f in shuffled if (r := reassembler.add(parse_fragment(f + TRAILER), 0.0)) is not None]
     assert done[0] == (type(msg).TYPE, encoded)  # type: ignore[attr-defined]
 
 
@@ -115,11 +131,11 @@ def test_data_header_round_trip(index: int, counter: int) -> None:
 def test_partial_messages_expire_and_are_bounded() -> None:
     frags = fragment_message(1, bytes(3000), 1)
     reassembler = Reassembler(slots=2, timeout=5.0)
-    reassembler.add(parse_fragment(frags[0]), 0.0)
+    reassembler.add(parse_fragment(frags[0] + TRAILER), 0.0)
     for mid in range(2, 6):
-        reassembler.add(parse_fragment(fragment_message(1, bytes(3000), mid)[0]), 1.0)
+        reassembler.add(parse_fragment(fragment_message(1, bytes(3000), mid)[0] + TRAILER), 1.0)
     assert len(reassembler) == 2
-    reassembler.add(parse_fragment(fragment_message(1, bytes(3000), 9)[0]), 10.0)
+    reassembler.add(parse_fragment(fragment_message(1, bytes(3000), 9)[0] + TRAILER), 10.0)
     assert len(reassembler) == 1
 
 

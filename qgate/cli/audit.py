@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qgate.audit import VerifyResult, parse_anchor, verify_file
+from qgate.audit import VerifyResult, log_series, parse_anchor, verify_file, verify_series
 from qgate.errors import QgateError
 
 
@@ -26,19 +26,34 @@ def audit() -> None:
     metavar="SEQ:SHA256",
     help="A head the gateway logged earlier (at open/close); line SEQ must still hash to it (repeat).",
 )
-def verify(file: Path, as_json: bool, anchors: tuple[str, ...]) -> None:
+@click.option(
+    "--rotated",
+    is_flag=True,
+    help="Also check the rotated files FILE.1, FILE.2, ... and that each file's audit_start names the"
+    " head of the one before it (anchors apply to FILE).",
+)
+def verify(file: Path, as_json: bool, anchors: tuple[str, ...], rotated: bool) -> None:
     """Check FILE's hash chain from the first line to the last.
 
     Exit status 0 and the record count when the chain is intact; 1 and the first bad line (number and
-    what is wrong) otherwise, or when FILE cannot be read or an anchor is malformed.
+    what is wrong) otherwise, or when FILE cannot be read or an anchor is malformed. The gateway
+    rotates a full log to FILE.1 (FILE.1 to FILE.2, ...); an anchor logged before a rotation belongs
+    to the file that was FILE then.
     """
+    paths = log_series(file) if rotated else [file]
     try:
         wanted = dict(parse_anchor(text) for text in anchors)
-        result = verify_file(file, anchors=wanted)
+        results = verify_series(paths, anchors=wanted) if rotated else [verify_file(file, anchors=wanted)]
     except QgateError as exc:
-        result = VerifyResult(False, 0, problem=str(exc))
-    _report(file, result, as_json)
-    if not result.ok:
+        paths, results = [file], [VerifyResult(False, 0, problem=str(exc))]
+    for path, result in zip(paths, results, strict=True):
+        _report(path, result, as_json)
+    ok = all(result.ok for result in results)
+    if as_json:
+        rows = [{"file": str(path), **result.as_json()} for path, result in zip(paths, results, strict=True)]
+        line = {"ok": ok, "files": rows} if rotated else rows[0]
+        click.echo(json.dumps(line, separators=(",", ":")))
+    if not ok:
         raise SystemExit(1)
 
 
@@ -49,5 +64,3 @@ def _report(file: Path, result: VerifyResult, as_json: bool) -> None:
         where = f"line {result.line}: " if result.line is not None else ""
         click.echo(f"{file}: {where}{result.problem}", err=True)
         click.echo(f"{file}: {result.records} record(s) verified before it", err=True)
-    if as_json:
-        click.echo(json.dumps({"file": str(file), **result.as_json()}, separators=(",", ":")))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT
+from qgate.constants import MSG_DATA, MSG_HANDSHAKE_FRAGMENT, MSG_RETRY
 from qgate.dataplane.fq import FairQueue
 from qgate.dataplane.offload import checksum_vouched, split_tso
 from qgate.dataplane.routing import RouteTable
@@ -210,7 +210,7 @@ class Forwarder:
                 else:
                     self.stats.drops_bad_inner_source += 1
             return link
-        if kind == MSG_HANDSHAKE_FRAGMENT:
+        if kind in (MSG_HANDSHAKE_FRAGMENT, MSG_RETRY):
             link = self.by_address.get(address)
             if link is None:
                 self.stats.rx_unknown_source += 1

@@ -1,22 +1,24 @@
-"""Handshake-class messages of the qgate protocol: layouts, encoding and parsing.
+"""Handshake-class messages of the qgate protocol (version 2): layouts, encoding and parsing.
 
-Layouts (docs/protocol.md, Messages); integers big-endian; ``bytes16`` = 2-byte length
-prefix, ``str8`` = 1-byte length + ASCII. Every message starts with ``version(1)``.
+Layouts (docs/protocol.md section 3); integers big-endian; ``bytes16`` = 2-byte length
+prefix, ``str8`` = 1-byte length + ASCII. Every message starts with ``version(1)`` = 2.
+``echo`` is the receiver's challenge being answered, ``challenge`` the sender's own for the
+receiver's next request (32 bytes each; ``qgate.protocol.guard``).
 
 * M1 InitHello (master -> slave, type 1): version, kem_id(1), x25519(1), qkd_bits(2),
-  timestamp(8, ns), sender_index(4), epoch(4), random(32), master_sae str8, slave_sae str8,
-  ek bytes16, x25519_pub bytes8, key_ids (count(1), str8 each), signature bytes16. A count of 0
-  is a degraded handshake without a QKD key (fail mode ``pqc_only_if_qkd_down`` on both sides).
+  sender_index(4), epoch(4), random(32), echo(32), challenge(32), anchor_id(16), ppk_id str8,
+  master_sae str8, slave_sae str8, ek bytes16, x25519_pub bytes8, key_ids (count(1), str8 each),
+  signature bytes16. A key_ID count of 0 is a degraded handshake without a QKD key (HS-D).
 * M2 RespHello (slave -> master, type 2): version, sender_index(4), receiver_index(4), epoch(4),
-  random(32), ct bytes16, x25519_pub bytes8, signature bytes16, confirm(32).
+  random(32), challenge(32), ct bytes16, x25519_pub bytes8, signature bytes16, confirm(32).
 * M3 InitConfirm (type 3): version, receiver_index(4), epoch(4), confirm(32).
 * R1 RatchetRequest (master -> slave, type 4): version, receiver_index(4), sender_index(4),
-  epoch(4), key_ids, mac(32).
+  epoch(4), challenge(32), key_ids, mac(32).
 * R2 RatchetResponse (type 5): version, receiver_index(4), sender_index(4), epoch(4), confirm(32).
 * R3 RatchetConfirm (type 6): version, receiver_index(4), epoch(4), confirm(32).
-* Kick (slave -> master, type 7): version, timestamp(8, ns), master_sae str8, slave_sae str8,
-  reason(1), signature bytes16. Asks the master for a fresh handshake: 0 no session, 1 the
-  slave's KME could not deliver a QKD key, 2 the slave's key neared the packet limit.
+* Kick (slave -> master, type 7): version, master_sae str8, slave_sae str8, reason(1), echo(32),
+  challenge(32), signature bytes16. Asks the master for a fresh handshake: 0 no usable session,
+  1 the slave's KME could not deliver a QKD key an M1/R1 named.
 
 Parsers raise only ``RemoteProtocolError`` (malformed input); authentication is the state
 machine's job (``qgate.protocol.peer``).
@@ -27,17 +29,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Final, Self
 
-from qgate.constants import CONFIRM_SIZE, PROTOCOL_VERSION
+from qgate.constants import CHALLENGE_SIZE, CONFIRM_SIZE, PROTOCOL_VERSION
 from qgate.errors import RemoteProtocolError
 from qgate.protocol.codec import Reader, Writer
 
 KICK_NO_SESSION: Final = 0
-"""Kick reason: the slave has no usable session (start, restart, or data on an unknown epoch)."""
+"""Kick reason: the slave has no usable epoch (start, restart, or its keys expired)."""
 KICK_QKD_UNAVAILABLE: Final = 1
 """Kick reason: the slave's KME could not deliver the QKD key a handshake or ratchet named."""
-KICK_PACKET_LIMIT: Final = 2
-"""Kick reason: the slave's sending key neared the AES-GCM packet limit."""
-KICK_REASONS: Final = frozenset({KICK_NO_SESSION, KICK_QKD_UNAVAILABLE, KICK_PACKET_LIMIT})
+KICK_REASONS: Final = frozenset({KICK_NO_SESSION, KICK_QKD_UNAVAILABLE})
+ANCHOR_ID_SIZE: Final = 16
+"""Bytes naming the QKD-backed chaining key a degraded handshake mixes in (zeros: none)."""
+NO_ANCHOR: Final = bytes(ANCHOR_ID_SIZE)
+NO_CHALLENGE: Final = bytes(CHALLENGE_SIZE)
+"""An echo of all zeros: the sender knew no challenge of the receiver (answered with a Retry)."""
 
 RANDOM_SIZE: Final = 32
 """Bytes of fresh randomness in M1 and M2."""
@@ -78,10 +83,13 @@ class InitHello:
     kem_id: int
     x25519: bool
     qkd_bits: int
-    timestamp: int
     sender_index: int
     epoch: int
     random: bytes
+    echo: bytes
+    challenge: bytes
+    anchor_id: bytes
+    ppk_id: str
     master_sae: str
     slave_sae: str
     ek: bytes
@@ -92,7 +100,9 @@ class InitHello:
     def signed_part(self) -> bytes:
         """Return the encoding of every field before ``signature``."""
         w = Writer().u8(PROTOCOL_VERSION).u8(self.kem_id).u8(int(self.x25519)).u16(self.qkd_bits)
-        w.u64(self.timestamp).u32(self.sender_index).u32(self.epoch).fixed(self.random, RANDOM_SIZE)
+        w.u32(self.sender_index).u32(self.epoch).fixed(self.random, RANDOM_SIZE)
+        w.fixed(self.echo, CHALLENGE_SIZE).fixed(self.challenge, CHALLENGE_SIZE)
+        w.fixed(self.anchor_id, ANCHOR_ID_SIZE).str8(self.ppk_id)
         w.str8(self.master_sae).str8(self.slave_sae).bytes16(self.ek).bytes8(self.x25519_pub)
         _write_key_ids(w, self.key_ids)
         return w.getvalue()
@@ -113,10 +123,13 @@ class InitHello:
             kem_id=kem_id,
             x25519=bool(x_flag),
             qkd_bits=qkd_bits,
-            timestamp=r.u64("timestamp"),
             sender_index=r.u32("sender_index"),
             epoch=r.u32("epoch"),
             random=r.fixed(RANDOM_SIZE, "random"),
+            echo=r.fixed(CHALLENGE_SIZE, "echo"),
+            challenge=r.fixed(CHALLENGE_SIZE, "challenge"),
+            anchor_id=r.fixed(ANCHOR_ID_SIZE, "anchor_id"),
+            ppk_id=r.str8("ppk_id"),
             master_sae=r.str8("master_sae"),
             slave_sae=r.str8("slave_sae"),
             ek=r.bytes16("ek"),
@@ -137,6 +150,7 @@ class RespHello:
     receiver_index: int
     epoch: int
     random: bytes
+    challenge: bytes
     ct: bytes
     x25519_pub: bytes
     signature: bytes = b""
@@ -145,7 +159,8 @@ class RespHello:
     def signed_part(self) -> bytes:
         """Return the encoding of every field before ``signature``."""
         w = Writer().u8(PROTOCOL_VERSION).u32(self.sender_index).u32(self.receiver_index)
-        w.u32(self.epoch).fixed(self.random, RANDOM_SIZE).bytes16(self.ct).bytes8(self.x25519_pub)
+        w.u32(self.epoch).fixed(self.random, RANDOM_SIZE).fixed(self.challenge, CHALLENGE_SIZE)
+        w.bytes16(self.ct).bytes8(self.x25519_pub)
         return w.getvalue()
 
     def confirmed_part(self) -> bytes:
@@ -166,6 +181,7 @@ class RespHello:
             receiver_index=r.u32("receiver_index"),
             epoch=r.u32("epoch"),
             random=r.fixed(RANDOM_SIZE, "random"),
+            challenge=r.fixed(CHALLENGE_SIZE, "challenge"),
             ct=r.bytes16("ct"),
             x25519_pub=r.bytes8("x25519_pub"),
             signature=r.bytes16("signature"),
@@ -219,12 +235,14 @@ class RatchetRequest:
     receiver_index: int
     sender_index: int
     epoch: int
+    challenge: bytes
     key_ids: tuple[str, ...]
     mac: bytes = bytes(CONFIRM_SIZE)
 
     def mac_part(self) -> bytes:
         """Return the encoding of every field before ``mac``."""
         w = Writer().u8(PROTOCOL_VERSION).u32(self.receiver_index).u32(self.sender_index).u32(self.epoch)
+        w.fixed(self.challenge, CHALLENGE_SIZE)
         _write_key_ids(w, self.key_ids)
         return w.getvalue()
 
@@ -241,6 +259,7 @@ class RatchetRequest:
             receiver_index=r.u32("receiver_index"),
             sender_index=r.u32("sender_index"),
             epoch=r.u32("epoch"),
+            challenge=r.fixed(CHALLENGE_SIZE, "challenge"),
             key_ids=_read_key_ids(r),
             mac=r.fixed(CONFIRM_SIZE, "mac"),
         )
@@ -290,16 +309,17 @@ class Kick:
     """The slave's signed request for a fresh handshake, with the reason (KICK_* below)."""
 
     TYPE: ClassVar[int] = 7
-    timestamp: int
     master_sae: str
     slave_sae: str
-    reason: int = 0
+    reason: int
+    echo: bytes
+    challenge: bytes
     signature: bytes = b""
 
     def signed_part(self) -> bytes:
         """Return the encoding of every field before ``signature``."""
-        w = Writer().u8(PROTOCOL_VERSION).u64(self.timestamp)
-        return w.str8(self.master_sae).str8(self.slave_sae).u8(self.reason).getvalue()
+        w = Writer().u8(PROTOCOL_VERSION).str8(self.master_sae).str8(self.slave_sae).u8(self.reason)
+        return w.fixed(self.echo, CHALLENGE_SIZE).fixed(self.challenge, CHALLENGE_SIZE).getvalue()
 
     def encode(self) -> bytes:
         """Return the full message."""
@@ -311,7 +331,12 @@ class Kick:
         r = Reader(data, "Kick")
         _version(r)
         msg = cls(
-            r.u64("timestamp"), r.str8("master_sae"), r.str8("slave_sae"), r.u8("reason"), r.bytes16("sig")
+            r.str8("master_sae"),
+            r.str8("slave_sae"),
+            r.u8("reason"),
+            r.fixed(CHALLENGE_SIZE, "echo"),
+            r.fixed(CHALLENGE_SIZE, "challenge"),
+            r.bytes16("signature"),
         )
         if msg.reason not in KICK_REASONS:
             raise RemoteProtocolError(f"Kick: unknown reason {msg.reason}")

@@ -5,8 +5,10 @@ Every qgate UDP datagram starts with a type byte:
 * ``0x04`` data: ``type(1) || reserved(3)=0 || receiver_index(4) || counter(8)`` (16 bytes, the
   AES-GCM associated data) followed by ``ciphertext || tag(16)``. An empty plaintext is a keepalive.
 * ``0x01`` handshake fragment: ``type(1) || msg_type(1) || index(1) || count(1) || message_id(4)``
-  followed by at most 1152 bytes of the message, so no fragment needs IP fragmentation
-  (it fits the IPv6 minimum MTU of 1280 bytes, RFC 8200 section 5).
+  followed by at most 1152 bytes of the message and ``mac1(16) || mac2(16)`` (``guard.py``), so no
+  fragment needs IP fragmentation (1192 bytes: it fits the IPv6 minimum MTU of 1280 bytes with
+  IPv6 and UDP headers, RFC 8200 section 5).
+* ``0x02`` Retry: 72 bytes handing out the responder's challenge (``guard.py``).
 
 Sans-I/O: bytes and ``now`` in, bytes out.
 """
@@ -25,10 +27,13 @@ from qgate.constants import (
     FRAGMENT_COUNT_MAX,
     FRAGMENT_HEADER_SIZE,
     FRAGMENT_PAYLOAD_MAX,
+    FRAGMENT_TRAILER_SIZE,
     MSG_DATA,
     MSG_HANDSHAKE_FRAGMENT,
+    MSG_RETRY,
     REASSEMBLY_SLOTS,
     REASSEMBLY_TIMEOUT,
+    RETRY_SIZE,
 )
 from qgate.errors import LocalProtocolError, RemoteProtocolError
 
@@ -38,6 +43,10 @@ _DATA_WORD0: Final = MSG_DATA << 24
 """First 32-bit word of every valid data header: type 0x04, reserved bytes zero."""
 _FRAGMENT_HEADER: Final = struct.Struct("!BBBBI")
 _MESSAGE_TYPES: Final = range(1, 8)
+SINGLE_FRAGMENT_TYPES: Final = frozenset({3, 4, 5, 6})
+"""Message types that always fit one fragment (M3, R1, R2, R3): they never use a reassembly slot."""
+MULTI_FRAGMENT_TYPES: Final = frozenset({1, 2, 7})
+"""Message types that may span fragments (M1, M2, Kick); their fragments need a valid mac2."""
 
 
 def pack_data_header(receiver_index: int, counter: int) -> bytes:
@@ -72,7 +81,9 @@ def parse_data_header(datagram: bytes) -> tuple[int, int]:
 
 
 def fragment_message(msg_type: int, message: bytes, message_id: int) -> list[bytes]:
-    """Split one handshake message into fragment datagrams.
+    """Split one handshake message into fragments (header || payload, without the mac trailer).
+
+    ``guard.add_macs`` appends ``mac1 || mac2`` to each before it is sent.
 
     Args:
         msg_type: message type (1-7, ``qgate.protocol.messages``).
@@ -104,27 +115,31 @@ class Fragment:
 
 
 def parse_fragment(datagram: bytes) -> Fragment:
-    """Parse a handshake fragment datagram.
+    """Parse a handshake fragment datagram (header, payload, then the 32-byte mac trailer).
+
+    Checks framing only; ``guard.mac1_ok`` / ``mac2_ok`` check the trailer.
 
     Raises:
-        RemoteProtocolError: short, wrong type, unknown message type, bad index/count, or an
-            empty or oversized payload.
+        RemoteProtocolError: short, wrong type, unknown message type, bad index/count (M3, R1,
+            R2 and R3 must be one fragment), or an empty or oversized payload.
     """
-    if len(datagram) <= FRAGMENT_HEADER_SIZE or datagram[0] != MSG_HANDSHAKE_FRAGMENT:
+    if len(datagram) <= FRAGMENT_HEADER_SIZE + FRAGMENT_TRAILER_SIZE or datagram[0] != MSG_HANDSHAKE_FRAGMENT:
         raise RemoteProtocolError("not a handshake fragment")
     _, msg_type, index, count, message_id = _FRAGMENT_HEADER.unpack_from(datagram)
-    payload = datagram[FRAGMENT_HEADER_SIZE:]
+    payload = datagram[FRAGMENT_HEADER_SIZE:-FRAGMENT_TRAILER_SIZE]
     if msg_type not in _MESSAGE_TYPES:
         raise RemoteProtocolError(f"unknown handshake message type {msg_type}")
     if not 1 <= count <= FRAGMENT_COUNT_MAX or index >= count:
         raise RemoteProtocolError(f"fragment {index} of {count} out of range")
+    if count > 1 and msg_type in SINGLE_FRAGMENT_TYPES:
+        raise RemoteProtocolError(f"message type {msg_type} is always a single fragment")
     if len(payload) > FRAGMENT_PAYLOAD_MAX or (index < count - 1 and len(payload) != FRAGMENT_PAYLOAD_MAX):
         raise RemoteProtocolError("fragment payload of the wrong size")
     return Fragment(msg_type, index, count, message_id, payload)
 
 
 def classify_datagram(datagram: bytes) -> str | None:
-    """Return ``"data"`` or ``"handshake"`` if the datagram is well-formed qgate framing, else None.
+    """Return ``"data"``, ``"handshake"`` or ``"retry"`` for well-formed qgate framing, else None.
 
     Checks framing only (type byte, header fields, sizes); it cannot check authenticity.
     """
@@ -135,6 +150,8 @@ def classify_datagram(datagram: bytes) -> str | None:
         if datagram[:1] == bytes([MSG_HANDSHAKE_FRAGMENT]):
             parse_fragment(datagram)
             return "handshake"
+        if datagram[:1] == bytes([MSG_RETRY]) and len(datagram) == RETRY_SIZE:
+            return "retry"
     except RemoteProtocolError:
         return None
     return None
