@@ -10,7 +10,8 @@ Namespaces are ``qg<run><role>`` with run = 6 hex characters and role ``ha``, ``
 off in every namespace and IPv4 forwarding is on in the gateway namespaces. Without a tunnel
 (``routed=True``, the bare-veth baseline) the gateways route the peer LAN over the WAN link;
 with qgate the gateways add those routes through their TUN devices themselves. Uses the ``ip``
-command (iproute2).
+command (iproute2). The flood bench adds a spoofing attacker, ``qg<run>sp``, with a tap into each
+gateway's WAN side (:func:`add_spoofer`); :func:`destroy_topology` removes it too.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def destroy_topology(topo: Topology) -> list[str]:
         Problems met (empty when everything is gone), for the caller to report.
     """
     problems: list[str] = []
-    for ns in topo.namespaces:
+    for ns in [*topo.namespaces, spoofer_ns(topo)]:  # the flood bench's attacker, if one was added
         if not namespace_exists(ns):
             continue
         killed = kill_namespace_processes(ns)
@@ -192,6 +193,89 @@ def destroy_topology(topo: Topology) -> list[str]:
             problems.append(str(exc))
     log.info("lab topology %s destroyed", topo.run_id)
     return problems
+
+
+SPOOF_ROLE: Final = "sp"
+"""Namespace role suffix of the flood bench's spoofing attacker (not in ROLES: only that bench adds it)."""
+SPOOF_MACS: Final = {
+    "a": ("02:71:67:00:0a:01", "02:71:67:00:0a:02"),
+    "b": ("02:71:67:00:0b:01", "02:71:67:00:0b:02"),
+}
+"""Per site: MAC addresses of the attacker's tap end and of the end in that gateway's namespace."""
+
+
+@dataclass(frozen=True)
+class SpoofTap:
+    """One attacker link into a gateway's WAN side (a veth pair: a tap in front of its WAN port).
+
+    Attributes:
+        site: ``a`` or ``b``, the gateway the tap reaches.
+        attacker_if: the end in the attacker namespace (``qg<run>sa`` / ``qg<run>sb``).
+        gateway_if: the end in the gateway namespace (``qg<run>xa`` / ``qg<run>xb``), no address.
+        attacker_mac: MAC of ``attacker_if`` (frame source).
+        gateway_mac: MAC of ``gateway_if`` (frame destination).
+    """
+
+    site: str
+    attacker_if: str
+    gateway_if: str
+    attacker_mac: str
+    gateway_mac: str
+
+
+def spoofer_ns(topo: Topology) -> str:
+    """Return the name of the run's spoofing-attacker namespace, ``qg<run>sp``."""
+    return f"qg{topo.run_id}{SPOOF_ROLE}"
+
+
+def add_spoofer(topo: Topology) -> dict[str, SpoofTap]:
+    """Create the attacker namespace with one tap into each gateway's WAN side; return them by site.
+
+    Frames sent on a tap arrive at the gateway's kernel as if from its WAN link, so datagrams
+    carrying the peer's source address and port reach the gateway's UDP socket, while every
+    answer goes over the real WAN to the real peer: an off-path spoofer. The gateway ends carry
+    no address (nothing is routed through them; ``rp_filter`` is off on them so the peer's
+    source address is accepted there). :func:`destroy_topology` removes the namespace too.
+
+    Raises:
+        DataPlaneError: an ``ip``/``sysctl`` command failed (call :func:`remove_spoofer`).
+    """
+    ns = spoofer_ns(topo)
+    _run(["ip", "netns", "add", ns])
+    _sysctls(ns, forward=False)
+    taps: dict[str, SpoofTap] = {}
+    for site in ("a", "b"):
+        tap = SpoofTap(site, topo.link(f"s{site}"), topo.link(f"x{site}"), *SPOOF_MACS[site])
+        gw_ns = topo.ns(f"g{site}")
+        _run(
+            [
+                "ip", "link", "add", tap.attacker_if, "netns", ns, "address", tap.attacker_mac,
+                "type", "veth", "peer", "name", tap.gateway_if, "netns", gw_ns, "address", tap.gateway_mac,
+            ]
+        )  # fmt: skip
+        _run(ns_argv(gw_ns, ["sysctl", "-q", "-w", f"net.ipv4.conf.{tap.gateway_if}.rp_filter=0"]))
+        _run(["ip", "-n", gw_ns, "link", "set", tap.gateway_if, "up"])
+        _run(["ip", "-n", ns, "link", "set", tap.attacker_if, "up"])
+        taps[site] = tap
+    log.info("spoofer namespace %s attached to both gateways' WAN side", ns)
+    return taps
+
+
+def remove_spoofer(topo: Topology) -> list[str]:
+    """Kill what runs in the attacker namespace and delete it (its taps go with it); never raises.
+
+    Returns:
+        Problems met (empty when it is gone or never existed).
+    """
+    ns = spoofer_ns(topo)
+    if not namespace_exists(ns):
+        return []
+    kill_namespace_processes(ns)
+    try:
+        _run(["ip", "netns", "del", ns])
+    except DataPlaneError as exc:
+        return [str(exc)]
+    return []
 
 
 def lab_namespaces() -> list[str]:
