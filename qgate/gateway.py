@@ -91,6 +91,9 @@ _WARN_EVENTS: Final = frozenset(
     {
         "authentication_failed",
         "bad_handshake_message",
+        "unauth_mac1",
+        "unauth_over_budget",
+        "degrade_refused",
         "qkd_request_failed",
         "handshake_abandoned",
         "ratchet_abandoned",

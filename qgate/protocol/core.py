@@ -183,6 +183,7 @@ class PeerCore:
         self._kme_bad_at: float | None = None
         self._next_probe_at = now
         self._next_stale_report = now
+        self._next_mac1_report = now
         self._anchors: deque[tuple[bytes, Secret]] = deque(maxlen=ANCHORS_KEPT)
         self._last_fragment: tuple[Fragment, bytes] | None = None
         self.mode: Literal["hybrid", "degraded", "closed"] | None = None

@@ -37,7 +37,14 @@ from qgate.protocol.actions import (
     ProbeKme,
     SendDatagram,
 )
-from qgate.protocol.core import FETCH_BACKOFF_MAX, FORCED_KICK_GAP, RATCHET_TIMEOUT, Pending, Signer
+from qgate.protocol.core import (
+    FETCH_BACKOFF_MAX,
+    FORCED_KICK_GAP,
+    RATCHET_TIMEOUT,
+    STALE_REPORT_INTERVAL,
+    Pending,
+    Signer,
+)
 from qgate.protocol.master import MasterSteps
 from qgate.protocol.messages import (
     KICK_QKD_UNAVAILABLE,
@@ -55,6 +62,11 @@ from qgate.protocol.slave import SlaveSteps
 from qgate.protocol.wire import (
     MULTI_FRAGMENT_TYPES,
     parse_fragment,
+)
+
+MAC1_HINT = (
+    "handshake fragments from the peer's address fail mac1: junk, or the peer pins another public key"
+    " for this gateway (compare fingerprints with qgate check)"
 )
 
 __all__ = [
@@ -204,6 +216,9 @@ class Peer(MasterSteps, SlaveSteps):
             frag = parse_fragment(datagram)
             if not guard.mac1_ok(datagram, self._my_mac1):
                 self.stats.drops_mac1 += 1
+                if now >= self._next_mac1_report:  # one event per interval: junk, or a key mismatch
+                    self._next_mac1_report = now + STALE_REPORT_INTERVAL
+                    self._event("unauth_mac1", reason=MAC1_HINT)
                 return
             if frag.msg_type in MULTI_FRAGMENT_TYPES and not guard.mac2_ok(datagram, self._challenges.all()):
                 self.stats.drops_mac2 += 1
