@@ -85,6 +85,18 @@ LOG_BURST: Final = 5
 """Warning lines per event kind per second at most (a flood of bad datagrams is counted, not logged)."""
 STATS_PERIOD: Final = 1.0
 """Seconds between rewrites of the statistics file."""
+GUARD_COUNTERS: Final = {
+    "mac1_failed": "drops_mac1",
+    "mac2_failed": "drops_mac2",
+    "stale_challenge": "stale_challenges",
+    "over_budget": "drops_budget",
+    "retries_sent": "retries_sent",
+    "retries_received": "retries_received",
+    "retries_unmatched": "retries_unmatched",
+    "kicks_ignored": "kicks_ignored",
+    "degrade_refused": "degrade_refused",
+}
+"""Status names of the handshake guard's counters (docs/protocol.md 2.3) -> ``ControlStats`` fields."""
 SOCKET_BUFFER: Final = 4 << 20
 """Bytes of kernel socket buffer asked for in each direction."""
 _WARN_EVENTS: Final = frozenset(
@@ -750,6 +762,7 @@ class Gateway:
                 "malformed": data.drops_malformed,
                 "too_big": link.too_big,
             },
+            "guard": {name: getattr(engine.stats, field) for name, field in GUARD_COUNTERS.items()},
         }
 
     def _write_stats(self) -> None:

@@ -49,6 +49,18 @@ DROP_REASONS: Final = (
     "too_big",
 )
 """Keys of a peer's ``drops`` mapping, exported as ``qgate_drops_total{reason=...}``."""
+GUARD_EVENTS: Final = (
+    "mac1_failed",
+    "mac2_failed",
+    "stale_challenge",
+    "over_budget",
+    "retries_sent",
+    "retries_received",
+    "retries_unmatched",
+    "kicks_ignored",
+    "degrade_refused",
+)
+"""Keys of a peer's ``guard`` mapping (v2 handshake defences): ``qgate_guard_events_total{event=...}``."""
 GATEWAY_COUNTERS: Final[Mapping[str, str]] = {
     "audit_failures": "Audit log records that could not be written",
     "audit_dropped": "Audit records lost: queue full, or still queued when writing failed",
@@ -106,6 +118,11 @@ SPECS: Final[Mapping[str, _Spec]] = {
     "qgate_packets_total": _Spec("counter", "Inner packets carried, by direction", (*_PEER, "direction")),
     "qgate_bytes_total": _Spec("counter", "Inner bytes carried, by direction", (*_PEER, "direction")),
     "qgate_drops_total": _Spec("counter", "Packets dropped, by reason", (*_PEER, "reason")),
+    "qgate_guard_events_total": _Spec(
+        "counter",
+        "Handshake guard events (mac1/mac2 drops, Retries, budget, refused downgrades)",
+        (*_PEER, "event"),
+    ),
     **{
         f"qgate_gateway_{key}_total": _Spec("counter", doc, ("gateway",))
         for key, doc in GATEWAY_COUNTERS.items()
@@ -227,6 +244,10 @@ class GatewayCollector:
         if isinstance(drops, Mapping):
             for reason in DROP_REASONS:
                 put("qgate_drops_total", [reason], _number(drops, reason))
+        guard = row.get("guard")
+        if isinstance(guard, Mapping):
+            for event in GUARD_EVENTS:
+                put("qgate_guard_events_total", [event], _number(guard, event))
 
 
 def status_from_loop(

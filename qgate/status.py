@@ -47,6 +47,10 @@ def format_status(status: Mapping[str, object]) -> str:
             shown = ", ".join(f"{k} {v}" for k, v in drops.items() if v)
             name, tx, rx = row.get("name"), row.get("tx_bytes"), row.get("rx_bytes")
             lines.append(f"{name}: bytes tx {tx} rx {rx}; drops: {shown or 'none'}")
+        guard = row.get("guard")
+        if isinstance(guard, Mapping) and any(guard.values()):
+            shown = ", ".join(f"{k} {v}" for k, v in guard.items() if v)
+            lines.append(f"{row.get('name')}: handshake guard: {shown}")
         if row.get("why"):
             lines.append(f"{row.get('name')}: {row.get('state')}: {row.get('why')}")
     return "\n".join(lines)

@@ -38,8 +38,9 @@ from qgate.kms.sim_store import LinkKeys
 from qgate.lab import Lab, listens, read_stats
 from qgate.lab_procs import wait_until
 from qgate.protocol import keyschedule as ks
+from qgate.protocol.core import Pending
 from qgate.protocol.epoch import PREVIOUS_MAX, Epoch, EpochSet
-from qgate.protocol.peer import Peer, _Pending
+from qgate.protocol.peer import Peer
 
 WINDOW = 16
 """Bytes: any run of this many secret bytes found in a text counts as a leak."""
@@ -242,7 +243,7 @@ def _secret_holders() -> Iterable[tuple[str, object, list[bytes]]]:
     seed = os.urandom(64)
     dk = get_kem("ml-kem-768").from_seed(seed)
     yield "KemDecapsulationKey", dk, [seed]
-    pending = _Pending("rk", 1, 0.0, qkd_key=Secret(raw), keys=keys, dk=dk,
+    pending = Pending("rk", 1, 0.0, qkd_key=Secret(raw), keys=keys, dk=dk,
                        x25519=X25519KeyPair.from_private_bytes(x_raw), base=epoch)  # fmt: skip
     yield "pending exchange", pending, [raw, seed, x_raw, send, recv, ck, *secrets]
 

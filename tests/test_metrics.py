@@ -70,6 +70,7 @@ def sample_status(**peer_changes: object) -> dict[str, object]:
         "rx_packets": 990,
         "rx_bytes": 1_300_000,
         "drops": drops,
+        "guard": {"mac1_failed": 11, "mac2_failed": 5000, "retries_sent": 30, "degrade_refused": 1},
         **peer_changes,
     }
     slave: dict[str, object] = {
@@ -155,6 +156,8 @@ def test_collector_exports_rekeys_traffic_drops_and_qkd_stock_as_counters_and_ga
     assert value(found, "qgate_bytes_total", **b, direction="rx") == 1_300_000
     assert value(found, "qgate_drops_total", **b, reason="bad_tag") == 3
     assert value(found, "qgate_drops_total", **b, reason="too_big") == 4
+    assert value(found, "qgate_guard_events_total", **b, event="mac2_failed") == 5000
+    assert value(found, "qgate_guard_events_total", **b, event="degrade_refused") == 1
     assert value(found, "qgate_qkd_keys_available", **b, where="kme") == 900
     assert value(found, "qgate_qkd_keys_available", **b, where="prefetch") == 8
     assert value(found, "qgate_gateway_rx_not_qgate_total", gateway="site-a") == 7
