@@ -178,7 +178,8 @@ class Lab:
             f"lab {rid} kept running: namespaces {' '.join(self.topo.namespaces)}; "
             f"processes {', '.join(running) or 'none'}; run dir {self.run_dir}\n"
             f"reach it with e.g.: ip netns exec {self.topo.ns('ha')} ping {net.HOST_B}\n"
-            f"tear it down with: qgate lab down {rid}\n"
+            f"status: qgate status --socket {self.run_dir}/control-a.sock (or control-b.sock)\n"
+            f"tear it down with: qgate lab down {rid} (it deletes {self.run_dir}, logs and audit logs too)\n"
         )
 
     def mark_failed(self) -> None:

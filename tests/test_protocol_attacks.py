@@ -344,3 +344,43 @@ def test_the_engines_take_no_wall_clock_so_clock_steps_cannot_matter() -> None:
     for module in ("peer", "core", "master", "slave", "guard", "wire", "messages", "keyschedule", "epoch"):
         source = inspect.getsource(__import__(f"qgate.protocol.{module}", fromlist=["x"]))
         assert not re.search(r"^import time|^from time|\btime\.\w+\(|datetime", source, re.M), module
+
+
+def test_an_m1_replayed_after_its_answer_left_the_cache_starts_no_resend_loop() -> None:
+    pair, base = _pair(), _pair()
+    for p in (pair, base):
+        p.run(0.3)
+        _run(p, 20.0)
+    m1_ids = [d[4:8] for d in pair.wire if classify_datagram(d) == "handshake" and d[1] == 1]
+    last_m1 = [d for d in pair.wire if classify_datagram(d) == "handshake" and d[4:8] == m1_ids[-1]]
+    for p in (pair, base):
+        _run(p, 5.0)  # five R2s later the M2 answering it has left the slave's answer cache
+    mark = len(pair.wire)
+    for datagram in last_m1:
+        pair.slave.receive_fragment(datagram, pair.now)
+    sent, delivered = _run(pair, 5.0)
+    _run(base, 5.0)
+    m1_after = [d for d in pair.wire[mark:] if classify_datagram(d) == "handshake" and d[1] == 1]
+    base_m1 = [
+        d for d in base.wire[-len(pair.wire) + mark :] if classify_datagram(d) == "handshake" and d[1] == 1
+    ]
+    assert delivered == sent
+    assert len(m1_after) <= len(base_m1) + 6, "the master resent an old M1 in a loop"
+    assert pair.kme.enc_keys == base.kme.enc_keys
+
+
+def test_a_kick_replayed_later_never_makes_a_healthy_slave_kick_again() -> None:
+    pair, base = _pair(), _pair()
+    for p in (pair, base):
+        p.run(0.3)  # the slave Kicked at start: once without the master's challenge, once with it
+        _run(p, 10.0)
+    kicks = [d for d in pair.wire if classify_datagram(d) == "handshake" and d[1] == 7]
+    assert kicks
+    before = pair.slave.stats.kicks_sent
+    for datagram in kicks:
+        pair.master.receive_fragment(datagram, pair.now)
+    pair.pump()
+    _run(pair, 5.0)
+    _run(base, 5.0)
+    assert pair.slave.stats.kicks_sent == before
+    assert pair.kme.enc_keys == base.kme.enc_keys

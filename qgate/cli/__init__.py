@@ -9,10 +9,15 @@ from qgate.cli.audit import audit
 from qgate.cli.gateway import check, down, keygen, schema, status, up
 from qgate.cli.kms import kms_sim, pki
 from qgate.cli.lab import lab
+from qgate.constants import PROTOCOL_VERSION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="qgate")
+@click.version_option(
+    __version__,
+    prog_name="qgate",
+    message=f"%(prog)s, version %(version)s (wire protocol {PROTOCOL_VERSION})",
+)
 def main() -> None:
     """qgate: hybrid QKD + ML-KEM encryption gateway."""
 

@@ -178,6 +178,7 @@ class PeerCore:
         self._kick_reason = KICK_NO_SESSION
         self._next_forced_kick = now
         self._kick_owed: int | None = None
+        self._next_rebuild_at = now
         self._limit_flagged: Epoch | None = None
         self._inflight: dict[int, Inflight] = {}
         self._kme_bad_at: float | None = None

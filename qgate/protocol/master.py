@@ -187,7 +187,10 @@ class MasterSteps(PeerCore):
             ppk=self.config.ppk,
         )
         if not ks.mac_ok(keys.kc_slave, ks.CONFIRM_M2, m2.confirm, th):
-            raise AuthenticationError("M2 key confirmation failed")
+            raise AuthenticationError(
+                "M2 key confirmation failed: the two sides derived different keys (a PPK that differs,"
+                " or KMEs that delivered different QKD keys for the same key_ID)"
+            )
         # Age counts from the start of the exchange: the slave cannot have made its keys earlier, so
         # this side stops using them no later than the slave does.
         epoch = self._make_epoch(

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from qgate.constants import (
     AEAD_PACKET_SOFT_LIMIT,
     HANDSHAKE_RETRY,
+    KICK_INTERVAL,
     MSG_RETRY,
 )
 from qgate.crypto.secret import Secret
@@ -47,6 +48,7 @@ from qgate.protocol.core import (
 )
 from qgate.protocol.master import MasterSteps
 from qgate.protocol.messages import (
+    KICK_NO_SESSION,
     KICK_QKD_UNAVAILABLE,
     InitConfirm,
     InitHello,
@@ -68,6 +70,20 @@ MAC1_HINT = (
     "handshake fragments from the peer's address fail mac1: junk, or the peer pins another public key"
     " for this gateway (compare fingerprints with qgate check)"
 )
+
+V1_HINT = (
+    "the peer speaks qgate wire protocol version 1, this gateway version 2: upgrade both gateways of a"
+    " link together"
+)
+
+
+def _looks_like_v1(datagram: bytes) -> bool:
+    """Whether a datagram is the first fragment of a version-1 message (version byte 1 at offset 8).
+
+    Only a diagnosis for the operator: such a datagram fails v2 framing or mac1 anyway.
+    """
+    return len(datagram) > 8 and datagram[0] == 1 and datagram[2] == 0 and datagram[8] == 1
+
 
 __all__ = [
     "Action",
@@ -111,8 +127,11 @@ class Peer(MasterSteps, SlaveSteps):
         self.epochs.expire(now)
         self._note_closed(now)
         if self.config.role == "slave":
-            if now >= self._next_kick_at and self._kick_owed is not None:
-                self.send_kick(now, self._kick_owed)
+            owed = self._kick_owed
+            if owed == KICK_NO_SESSION and self._has_usable_epoch(now):
+                self._kick_owed = owed = None  # a session arrived meanwhile
+            if now >= self._next_kick_at and owed is not None:
+                self.send_kick(now, owed)
             elif not self._has_usable_epoch(now) and now >= self._next_kick_at:
                 self.send_kick(now)
             return
@@ -213,6 +232,12 @@ class Peer(MasterSteps, SlaveSteps):
             if datagram[:1] == bytes([MSG_RETRY]):
                 self._on_retry(datagram, now)
                 return
+            if _looks_like_v1(datagram):
+                self.stats.malformed_messages += 1
+                if now >= self._next_mac1_report:
+                    self._next_mac1_report = now + STALE_REPORT_INTERVAL
+                    self._event("unauth_protocol_v1", reason=V1_HINT)
+                return
             frag = parse_fragment(datagram)
             if not guard.mac1_ok(datagram, self._my_mac1):
                 self.stats.drops_mac1 += 1
@@ -254,14 +279,24 @@ class Peer(MasterSteps, SlaveSteps):
         body = self._sent_bodies.pop(message_id, None)
         p = self._pending
         if p is not None and p.kind == "hs" and p.message_id == message_id:
-            if fresh:
+            if fresh and now >= self._next_rebuild_at:  # on-path forgeries cannot make us sign in a loop
+                self._next_rebuild_at = now + FORCED_KICK_GAP
                 self._send_m1(p, now)  # re-signed with the new echo, same keys and key_IDs
-        elif message_id in self._kick_ids and now >= self._next_forced_kick:
-            self._kick_ids.remove(message_id)
+        elif self._kick_ids and message_id == self._kick_ids[-1] and self._kick_still_wanted(now):
+            self._kick_ids.clear()
             self._next_forced_kick = now + FORCED_KICK_GAP
             self.send_kick(now, self._kick_reason, force=True)
-        elif body is not None:
-            self._send_message(*body)  # an answer (M2) whose mac2 the peer could not check
+        elif body is not None and body[0] == RespHello.TYPE and body in self._answered.values():
+            self._send_message(*body)  # our current answer (M2), whose mac2 the master could not check
+
+    def _kick_still_wanted(self, now: float) -> bool:
+        """Whether the Kick a Retry answers is the latest, recent, and its reason still holds.
+
+        A Retry for an old Kick (replayed by an attacker) never makes a healthy slave Kick.
+        """
+        recent = now - (self._next_kick_at - KICK_INTERVAL) <= 2 * KICK_INTERVAL
+        reason_holds = self._kick_reason == KICK_QKD_UNAVAILABLE or not self._has_usable_epoch(now)
+        return recent and reason_holds and now >= self._next_forced_kick
 
     def _dispatch(self, msg: Message, body: bytes, now: float) -> None:
         master = self.config.role == "master"

@@ -74,7 +74,7 @@ class SlaveSteps(PeerCore):
         if m1.master_sae != cfg.peer_sae or m1.slave_sae != cfg.my_sae:
             raise AuthenticationError("M1 names other SAE IDs")
         if m1.kem_id != KEM_IDS[cfg.kem.name] or m1.x25519 != cfg.x25519 or m1.qkd_bits != cfg.qkd_bits:
-            raise RemoteProtocolError("M1 algorithms differ from this side's policy")
+            raise RemoteProtocolError("M1 algorithms differ from the policy of this side")
         if len(m1.ek) != cfg.kem.encapsulation_key_size:
             raise RemoteProtocolError("M1: encapsulation key of the wrong size")
         if len(m1.x25519_pub) != (32 if cfg.x25519 else 0):
@@ -101,15 +101,19 @@ class SlaveSteps(PeerCore):
         cfg = self.config
         if m1.ppk_id:
             if cfg.ppk is None or m1.ppk_id != cfg.ppk_id:
-                raise AuthenticationError("M1 names a PPK this side does not hold")
+                raise AuthenticationError(
+                    "M1 names a PPK this side does not hold (same peers[].ppk on both; configure the slave first)"
+                )
         elif cfg.ppk is not None and cfg.ppk_mandatory:
-            raise AuthenticationError("M1 uses no PPK; this side's policy makes its PPK mandatory")
+            raise AuthenticationError("M1 uses no PPK, and the policy of this side makes its PPK mandatory")
 
     def _on_degraded_m1(self, m1: InitHello, body: bytes, now: float) -> None:
         """Step HS-D at the slave: only on this side's own evidence, with the anchor it holds."""
         cfg = self.config
         if not cfg.may_degrade:
-            raise AuthenticationError("M1 carries no QKD key; this side's fail_mode qkd_and_pqc refuses it")
+            raise AuthenticationError(
+                "M1 carries no QKD key, and fail_mode qkd_and_pqc on this side refuses it"
+            )
         if not self._local_evidence(now):
             self.stats.degrade_refused += 1
             if now >= self._next_probe_at:  # ask the own KME; the master's resend may then pass
@@ -117,7 +121,7 @@ class SlaveSteps(PeerCore):
                 self._actions.append(ProbeKme())
             if now >= self._next_stale_report:
                 self._next_stale_report = now + STALE_REPORT_INTERVAL
-                self._event("degrade_refused", reason="this side's KME works: no degraded handshake")
+                self._event("degrade_refused", reason="the KME of this side works, so no degraded handshake")
             return
         anchor: Secret | None = None
         if m1.anchor_id != NO_ANCHOR:
