@@ -356,6 +356,21 @@ def log_series(path: Path) -> list[Path]:
     return [*reversed(older), path]
 
 
+def series_gaps(path: Path) -> list[Path]:
+    """Return rotated files of ``path`` that ``log_series`` skips: ``path.N`` beyond a missing number.
+
+    Such a file means one in the middle of the series was deleted (or renamed): the chain of files
+    then has a hole that the links between the remaining files cannot show.
+    """
+    found = len(log_series(path)) - 1
+    numbers = []
+    for other in path.parent.glob(path.name + ".*"):
+        suffix = other.name[len(path.name) + 1 :]
+        if suffix.isdigit() and int(suffix) > found:
+            numbers.append(int(suffix))
+    return [rotated_path(path, n) for n in sorted(numbers)]
+
+
 def verify_series(paths: Sequence[Path], *, anchors: Mapping[int, str] | None = None) -> list[VerifyResult]:
     """Check files written one after another by rotation: each on its own, and the links between them.
 

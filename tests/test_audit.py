@@ -419,6 +419,19 @@ def test_cli_verify_rotated_checks_every_file_and_the_links(tmp_path: Path) -> N
     assert bad.exit_code == 1 and "audit.log.1: line" in bad.stderr
 
 
+def test_cli_verify_rotated_fails_when_a_middle_file_of_the_series_was_removed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog.open(path, gateway="site-a", fsync_interval=0, max_bytes=1500, keep=4) as log:
+        log.start()
+        for n in range(60):
+            log.append("ratchet_complete", peer="site-b", epoch=n, key_ids="id-1,id-2")
+            log.flush()  # one batch per record: the writer rotates between batches
+    assert rotated_path(path, 3).exists()
+    rotated_path(path, 2).unlink()
+    bad = CliRunner().invoke(audit, ["verify", str(path), "--rotated"])
+    assert bad.exit_code == 1 and "audit.log.2 is missing although" in bad.stderr
+
+
 # ----- tamper detection ---------------------------------------------------------------
 def _check(lines: list[bytes], line: int, fragment: str) -> None:
     result = verify_lines(lines)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from qgate.audit import VerifyResult, log_series, parse_anchor, verify_file, verify_series
+from qgate.audit import (
+    VerifyResult,
+    log_series,
+    parse_anchor,
+    rotated_path,
+    series_gaps,
+    verify_file,
+    verify_series,
+)
 from qgate.errors import QgateError
 
 
@@ -46,6 +54,12 @@ def verify(file: Path, as_json: bool, anchors: tuple[str, ...], rotated: bool) -
         results = verify_series(paths, anchors=wanted) if rotated else [verify_file(file, anchors=wanted)]
     except QgateError as exc:
         paths, results = [file], [VerifyResult(False, 0, problem=str(exc))]
+    gaps = series_gaps(file) if rotated else []
+    if gaps:
+        missing = rotated_path(file, len(paths))
+        later = ", ".join(map(str, gaps))
+        problem = f"{missing} is missing although {later} exist: a file of the series was removed"
+        paths, results = [*paths, missing], [*results, VerifyResult(False, 0, problem=problem)]
     for path, result in zip(paths, results, strict=True):
         _report(path, result, as_json)
     ok = all(result.ok for result in results)
