@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 need_apt=0
-for tool in ip ping tcpdump iperf3 nft; do command -v "$tool" >/dev/null 2>&1 || need_apt=1; done
+for tool in ip ping tcpdump iperf3 nft faketime; do command -v "$tool" >/dev/null 2>&1 || need_apt=1; done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" = 1 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
-    iproute2 iputils-ping tcpdump iperf3 nftables python3 python3-venv python3-pip ca-certificates >&2
+    iproute2 iputils-ping tcpdump iperf3 nftables faketime python3 python3-venv python3-pip ca-certificates >&2
 fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

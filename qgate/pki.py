@@ -33,8 +33,9 @@ LINK_SECRET_SIZE: Final = 32
 """Bytes of random link secret shared by the two simulated KMEs (``link.secret``)."""
 CERT_LIFETIME: Final = datetime.timedelta(days=825)
 """Validity of every lab certificate (825 days, the CA/Browser Forum's old ceiling)."""
-CLOCK_SKEW: Final = datetime.timedelta(hours=1)
-"""Certificates are valid from this long before their creation, for clock skew between hosts."""
+CLOCK_SKEW: Final = datetime.timedelta(days=2)
+"""Certificates are valid from this long before their creation, for clock skew and steps between hosts
+(a gateway whose wall clock steps back past a KME certificate's start loses its QKD keys)."""
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """KME and SAE IDs: 1-64 characters, safe in a URL path segment and as a file name."""
 
