@@ -30,9 +30,10 @@ from qgate.control import default_socket
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.forwarder import Forwarder, ForwarderStats, Link
 from qgate.dataplane.routing import RouteTable
+from qgate.dataplane.sockfilter import UdpSockets, answer_index, open_udp_sockets
 from qgate.dataplane.tunio import VnetTun
 from qgate.dataplane.udpio import UdpBatchIO
-from qgate.errors import ConfigError, DataPlaneError, QgateError
+from qgate.errors import ConfigError, QgateError
 from qgate.failagg import FailureAggregator, Summary, is_aggregated
 from qgate.keyfiles import load_identity, load_peer_public_key, load_ppk
 from qgate.keysupply import KeyStock, paced_interval
@@ -104,6 +105,7 @@ _WARN_EVENTS: Final = frozenset(
         "authentication_failed",
         "bad_handshake_message",
         "unauth_mac1",
+        "unauth_protocol_v1",
         "unauth_over_budget",
         "degrade_refused",
         "qkd_request_failed",
@@ -211,7 +213,9 @@ class Gateway:
         self._fwd: Forwarder | None = None
         self._tun_again = False
         self._idle_stats = ForwarderStats()
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # the data socket (sends), or the only one
+        self._udp: UdpSockets | None = None
+        self._answer_index: dict[str, int] = {}  # per peer: the index its next R2 names (our last R1's)
         self._net: NetHandle | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -318,39 +322,35 @@ class Gateway:
         routes = [net for link in self._peers for net in link.policy.subnets]
         self._net = configure_tun(self._tun.name, mtu=pol.tun.mtu, address=pol.tun.address, routes=routes)
         log.info("TUN %s up, MTU %d, routes %s", self._tun.name, pol.tun.mtu, ", ".join(map(str, routes)))
-        family = socket.AF_INET6 if ":" in pol.listen.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            sock.bind((pol.listen.host, pol.listen.port))
-        except OSError as exc:
-            sock.close()
-            raise DataPlaneError(f"cannot bind UDP {pol.listen}: {exc.strerror or exc}") from exc
-        sock.setblocking(False)
-        self._sock = sock
+        # Data and control sockets, steered by classic BPF (qgate.dataplane.sockfilter; issue 10).
+        self._udp = udp = open_udp_sockets(pol.listen.host, pol.listen.port, buffer=SOCKET_BUFFER)
+        self._sock = udp.data
         links: list[Link] = list(self._peers)
         self._fwd = Forwarder(
             self._tun,
-            UdpBatchIO(sock, gso=pol.tun.offload, gro=pol.tun.offload),
+            UdpBatchIO(udp.data, gso=pol.tun.offload, gro=pol.tun.offload),
             cast("RouteTable[Link]", self._routes),
             links,
             self._mtu,
             cast("dict[tuple[str, int], Link]", self._by_address),
             self._on_handshake,
             self._after_peer,
+            control=UdpBatchIO(udp.control, gso=False, gro=False) if udp.control is not None else None,
         )
         assert self._loop is not None
         self._loop.add_reader(self._tun.fd, self._on_tun_readable)
-        self._loop.add_reader(sock.fileno(), self._on_udp_readable)
+        for sock in udp.sockets():  # one handler: the data socket first, then a bounded control batch
+            self._loop.add_reader(sock.fileno(), self._on_udp_readable)
 
     def _close(self) -> None:
         loop = self._loop
-        if self._sock is not None:
-            if loop is not None:
-                loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        if self._udp is not None:
+            for sock in self._udp.sockets():
+                if loop is not None:
+                    loop.remove_reader(sock.fileno())
+            self._udp.close()
+            self._udp = self._sock = None
+            self._answer_index.clear()
         if self._net is not None:
             try:
                 self._net.remove()
@@ -400,6 +400,21 @@ class Gateway:
         if self._fwd is not None:
             self._fwd.on_udp_readable(time.monotonic())
 
+    def _sync_live_indexes(self, link: _PeerLink, actions: list[Action]) -> None:
+        """Give the kernel's UDP filters the live receiver indexes (re-attached only when they changed).
+
+        Called with an engine's actions before they are carried out, so a new epoch's index (and
+        the pending index an outgoing R1 asks the peer's R2 to name) is let through before any
+        message that lets the peer use it leaves.
+        """
+        if self._udp is None:
+            return
+        for action in actions:
+            if isinstance(action, SendDatagram) and (index := answer_index(action.data)) is not None:
+                self._answer_index[link.policy.name] = index
+        live = frozenset(self._answer_index.values()).union(*(p.engine.epochs.by_index for p in self._peers))
+        self._udp.set_live(live)
+
     def _on_handshake(self, link: Link, datagram: bytes, now: float) -> None:
         link.engine.receive_fragment(datagram, now)
 
@@ -421,7 +436,9 @@ class Gateway:
 
     # ----- actions -------------------------------------------------------------------
     def _flush(self, link: _PeerLink) -> None:
-        for action in link.engine.take_actions():
+        actions = link.engine.take_actions()
+        self._sync_live_indexes(link, actions)
+        for action in actions:
             self._do(link, action)
 
     def _do(self, link: _PeerLink, action: Action) -> None:
@@ -637,9 +654,17 @@ class Gateway:
             **totals,
             **asdict(self.stats),
             **asdict(self._fwd_stats()),
+            "udp_kernel_drops": self._udp_kernel_drops(),
             "master": master_rekeys,
             "peers": peers,
         }
+
+    def _udp_kernel_drops(self) -> int:
+        """Datagrams the kernel dropped at this gateway's UDP sockets (BPF filters, full buffers)."""
+        if self._udp is None:
+            return 0
+        status = self._udp.status()
+        return sum(v for k, v in status.items() if k.startswith("kernel_drops") and isinstance(v, int))
 
     def reload(self) -> list[str]:
         """Re-read the policy file (SIGHUP); apply what can change live, log and return what could not."""
@@ -710,6 +735,7 @@ class Gateway:
             "peers": [self._peer_status(link, now) for link in self._peers],
             "counters": {**asdict(self.stats), **asdict(self._fwd_stats())},
             "data_path": self._data_path(),
+            "udp_sockets": self._udp.status() if self._udp is not None else {},
         }
 
     def _data_path(self) -> dict[str, object]:

@@ -115,14 +115,17 @@ def test_short_flood_run_reports_every_field_and_cleans_up() -> None:
         assert row["sent"] >= RATE * SECONDS * 0.8, (kind, row["sent"])
         assert 0.8 * RATE <= row["rate_pps"] <= 1.2 * RATE, (kind, row["rate_pps"])
         victims = row["targets"]
-        assert sum(row["kernel"][s]["udp_in_datagrams"] for s in victims) >= row["sent"] * 0.9, kind
-    # The spoofed datagrams reached the slave's data path, not just its socket.
-    unknown = result["kinds"]["data_unknown_index"]["counters"]["b"]
-    assert unknown["drops_unknown_index"] + unknown["rx_unknown_index"] > 0
-    # ACCEPTANCE (issue 10), to assert here once the protocol v2 fix in qgate/protocol/ and
-    # qgate/gateway.py has landed (then also at --rate max and 60 s in the acceptance run):
-    #     for kind, checks in result["checks"].items():
-    #         assert all(checks.values()), (kind, checks)
+        seen = sum(row["kernel"][s]["udp_in_datagrams"] + row["kernel"][s]["udp_in_errors"] for s in victims)
+        assert seen >= row["sent"] * 0.9, kind  # every spoofed datagram reached the gateway's host
+    # Spoofed data records die in the kernel (live-index steering filter), never reach user space.
+    unknown = result["kinds"]["data_unknown_index"]
+    assert unknown["kernel"]["b"]["udp_in_errors"] >= unknown["sent"] * 0.9
+    # Issue 10 acceptance at this rate: no QKD key, no lost ping, audit growth bounded.
+    for kind, checks in result["checks"].items():
+        assert checks["keys_master"] and checks["ping_no_loss"] and checks["audit_under_100kb_per_60s"], (
+            kind,
+            checks,
+        )
     #     assert result["ok"] and done.returncode == 0
 
 

@@ -384,3 +384,54 @@ def test_a_kick_replayed_later_never_makes_a_healthy_slave_kick_again() -> None:
     _run(base, 5.0)
     assert pair.slave.stats.kicks_sent == before
     assert pair.kme.enc_keys == base.kme.enc_keys
+
+
+def test_an_on_path_forged_retry_for_each_m1_does_not_stop_full_handshakes() -> None:
+    # An observer on the path (it drops nothing) answers fragment 0 of every M1 with a Retry it made
+    # from the slave's public key and the visible mac1: the master re-signs M1, but the slave's M2 for
+    # the first variant must still complete the handshake.
+    pair, base = _pair(), _pair()
+    slave_retry_key = guard.retry_key(IDENT_S.public_key().public_bytes())
+    original = pair.master.take_actions
+    forged: list[bytes] = []
+
+    def tap() -> list[object]:
+        actions = original()
+        for a in actions:
+            if (
+                isinstance(a, SendDatagram)
+                and classify_datagram(a.data) == "handshake"
+                and a.data[1:3] == b"\x01\x00"
+            ):
+                forged.append(
+                    guard.seal_retry(
+                        message_id=int.from_bytes(a.data[4:8], "big"),
+                        index=0,
+                        answered_mac1=guard.fragment_mac1(a.data),
+                        challenge=os.urandom(32),
+                        my_retry_key=slave_retry_key,
+                        nonce=os.urandom(12),
+                    )
+                )
+        while forged:  # the forged Retry reaches the master before its M1 reaches the slave
+            pair.master.receive_fragment(forged.pop(), pair.now)
+        return actions  # type: ignore[return-value]
+
+    pair.master.take_actions = tap  # type: ignore[method-assign]
+    for p in (pair, base):
+        p.run(0.3)
+        _run(p, 40.0)
+    assert pair.master.stats.retries_received >= 3
+    assert pair.master.stats.rekeys_kem >= base.master.stats.rekeys_kem - 1
+    assert pair.send_both_ways(b"still up") == (b"still up", b"still up")
+
+
+def test_a_failed_dec_keys_for_key_ids_the_peer_named_is_no_evidence_for_a_downgrade() -> None:
+    pair = _pair()
+    for engine in (pair.master, pair.slave):
+        engine.config = replace(engine.config, fail_mode="pqc_only_if_qkd_down")
+    pair.run(0.3)
+    pair.kme.slave_down = True  # dec_keys for the key_IDs of the next R1 fails, as for bogus key_IDs
+    pair.run(1.5)
+    assert pair.slave.stats.qkd_failures >= 1
+    assert not pair.slave._local_evidence(pair.now)  # only the slave's own status answers count

@@ -95,6 +95,20 @@ def test_recv_batch_returns_empty_when_nothing_waits(pair: tuple[socket.socket, 
     assert UdpBatchIO(pair[0]).recv_batch() == []
 
 
+def test_recv_batch_without_gro_stops_at_max_datagrams_and_leaves_the_rest_queued(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # The forwarder's bound on the control socket (issue 10): one wake takes 64, the rest waits.
+    rx, tx = pair
+    control = UdpBatchIO(rx, gso=False, gro=False)
+    sent = [bytes([i]) * 40 for i in range(100)]
+    for datagram in sent:
+        tx.sendto(datagram, rx.getsockname())
+    time.sleep(0.05)
+    assert [d for d, _ in control.recv_batch(64, 64)] == sent[:64]
+    assert _drain(control, 36) == sent[64:]
+
+
 FRAGMENT_SCRIPT = r"""
 import json, logging, socket, subprocess, io
 from qgate.dataplane.udpio import UdpBatchIO

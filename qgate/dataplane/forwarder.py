@@ -11,6 +11,10 @@ from the kernel's ``DATA_VALID``, or verified in user space; a bad one is droppe
 there), so the receiver merges packets without summing them again (protocol.md section 2.1).
 Without offloads (old kernel, or ``tun.offload: false``) the same wire format goes through plain
 reads, writes, ``sendto`` and ``recvfrom``, logged once at start.
+With the kernel's steering (``sockfilter``), records of a live epoch come on the data socket and
+everything else on the control socket; every wake serves the data socket first and takes at most
+:data:`CONTROL_DATAGRAMS_PER_WAKE` from the control socket, so a flood of handshake-shaped junk
+costs a bounded slice of each wake and never delays a record behind it (issue 10).
 Per-packet failures are counted, never raised.
 """
 
@@ -43,6 +47,9 @@ UDP_CALLS_PER_WAKE: Final = 64
 UDP_DATAGRAMS_PER_WAKE: Final = 64
 """Datagrams opened per wake-up (about one 64 KB batch, 0.3 ms here): the rest waits in the
 socket while the TUN direction and the timers get their turn."""
+CONTROL_DATAGRAMS_PER_WAKE: Final = 16
+"""Datagrams read from the control socket per wake-up at most, after the data socket (the rest waits,
+or is dropped by the kernel when the control socket's small buffer is full)."""
 
 
 def dscp_of(packet: bytes) -> int:
@@ -93,6 +100,7 @@ class Forwarder:
         mtu: the inner MTU in bytes; longer inner packets are counted as too big.
         on_handshake: takes a handshake fragment from a known peer address.
         after_peer: runs after a link's engine may have queued actions (the gateway flushes them).
+        control: the control socket's wrapper (no GRO), or None when the gateway runs on one socket.
     """
 
     def __init__(
@@ -105,8 +113,10 @@ class Forwarder:
         by_address: dict[tuple[str, int], Link],
         on_handshake: Callable[[Link, bytes, float], None],
         after_peer: Callable[[Link, float], None],
+        control: UdpBatchIO | None = None,
     ) -> None:
         self.tun, self.udp, self.routes, self.links, self.mtu = tun, udp, routes, links, mtu
+        self.control = control
         self.by_address = by_address
         self.on_handshake, self.after_peer = on_handshake, after_peer
         self.stats = ForwarderStats()
@@ -182,10 +192,17 @@ class Forwarder:
 
     # ----- inbound -------------------------------------------------------------------
     def on_udp_readable(self, now: float) -> None:
-        """Receive a batch, open each record, write the inner packets (coalesced) to the TUN."""
+        """Receive a batch, open each record, write the inner packets (coalesced) to the TUN.
+
+        The data socket is read first (one budget), then at most :data:`CONTROL_DATAGRAMS_PER_WAKE`
+        of the control socket; a datagram of any kind is handled the same on either socket.
+        """
         pending: list[bytes] = []
         touched: dict[int, Link] = {}
-        for datagram, address in self.udp.recv_batch(UDP_CALLS_PER_WAKE, UDP_DATAGRAMS_PER_WAKE):
+        batch = self.udp.recv_batch(UDP_CALLS_PER_WAKE, UDP_DATAGRAMS_PER_WAKE)
+        if self.control is not None:
+            batch += self.control.recv_batch(CONTROL_DATAGRAMS_PER_WAKE, CONTROL_DATAGRAMS_PER_WAKE)
+        for datagram, address in batch:
             link = self._dispatch(datagram, (address[0], address[1]), now, pending)
             if link is not None:
                 touched[id(link)] = link

@@ -99,6 +99,7 @@ class Pending:
     epoch: int = 0
     key_ids: tuple[str, ...] = ()
     m1: bytes = b""
+    m1_sent: list[bytes] = field(default_factory=list)  # every signed variant (a Retry re-signs)
     dk: KemDecapsulationKey | None = None
     x25519: X25519KeyPair | None = None
     qkd_key: Secret | None = None
@@ -179,6 +180,7 @@ class PeerCore:
         self._next_forced_kick = now
         self._kick_owed: int | None = None
         self._next_rebuild_at = now
+        self._resent_answers: deque[bytes] = deque(maxlen=RESPONSE_CACHE)
         self._limit_flagged: Epoch | None = None
         self._inflight: dict[int, Inflight] = {}
         self._kme_bad_at: float | None = None
@@ -260,8 +262,9 @@ class PeerCore:
 
     def _send_retry(self, frag: Fragment, datagram: bytes, now: float) -> None:
         """Step G-3: hand the current challenge to the sender of ``frag`` (rate-limited)."""
-        if not self._retried.first(frag.message_id) or not self._retry_budget.take(now):
-            return  # one Retry per message, and a rate limit
+        if frag.message_id in self._retried or not self._retry_budget.take(now):
+            return  # one Retry per message, and a rate limit (a message is marked only once answered)
+        self._retried.first(frag.message_id)
         self.stats.retries_sent += 1
         retry = guard.seal_retry(
             message_id=frag.message_id,

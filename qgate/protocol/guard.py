@@ -263,6 +263,10 @@ class AnsweredIds:
         self._limit = limit
         self._ids: OrderedDict[int, None] = OrderedDict()
 
+    def __contains__(self, message_id: object) -> bool:
+        """Whether a Retry was already sent for ``message_id``."""
+        return message_id in self._ids
+
     def first(self, message_id: int) -> bool:
         """Record ``message_id``; True the first time it is seen."""
         if message_id in self._ids:

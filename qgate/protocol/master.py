@@ -39,6 +39,9 @@ from qgate.protocol.messages import (
     RespHello,
 )
 
+M1_VARIANTS = 3
+"""Signed M1 variants of one pending handshake kept, so an M2 answering an earlier one still verifies."""
+
 
 class MasterSteps(PeerCore):
     """Steps only the master takes."""
@@ -130,6 +133,7 @@ class MasterSteps(PeerCore):
         )
         signed = replace(m1, signature=self._identity.sign(ks.SIG_M1 + m1.signed_part()))
         p.m1 = signed.encode()
+        p.m1_sent = [*p.m1_sent[-(M1_VARIANTS - 1) :], p.m1]
         p.message_id, p.fragments = self._send_message(InitHello.TYPE, p.m1)
         p.last_sent = now
         self._event("handshake_sent", epoch=p.epoch, key_ids=",".join(p.key_ids))
@@ -161,7 +165,9 @@ class MasterSteps(PeerCore):
             raise RemoteProtocolError("M2: X25519 value of the wrong size")
         if not self._spend("M2", now):
             return
-        self._verify("M2", m2.signature, ks.SIG_M2 + ks.transcript_hash(p.m1) + m2.signed_part())
+        # The slave may answer any variant this side sent (an on-path forged Retry makes a new one):
+        # M2 is signed over SHA-384 of the one it answers, so take the variant whose signature holds.
+        p.m1 = self._answered_variant(p, m2)
         self._peer_challenge = m2.challenge
         components = [p.dk.decapsulate(m2.ct)]
         mode = ks.MODE_HYBRID
@@ -206,6 +212,22 @@ class MasterSteps(PeerCore):
         self._kem_backoff = 0.0
         self._next_kem_at = now + self.config.kem_interval
         self._event("handshake_complete", epoch=epoch.number, key_ids=",".join(p.key_ids))
+
+    def _answered_variant(self, p: Pending, m2: RespHello) -> bytes:
+        """Return the sent M1 variant M2's signature covers (FIPS 204 Verify, newest first).
+
+        Raises:
+            AuthenticationError: it covers none of them.
+        """
+        variants = list(reversed(p.m1_sent or [p.m1]))
+        for m1 in variants[:-1]:
+            try:
+                self._peer_key.verify(m2.signature, ks.SIG_M2 + ks.transcript_hash(m1) + m2.signed_part())
+            except AuthenticationError:
+                continue
+            return m1
+        self._verify("M2", m2.signature, ks.SIG_M2 + ks.transcript_hash(variants[-1]) + m2.signed_part())
+        return variants[-1]
 
     def _on_r2(self, r2: RatchetResponse, now: float) -> None:
         """Step RK-3: check R2's confirmation, switch to the new epoch, send R3."""

@@ -167,7 +167,16 @@ class Peer(MasterSteps, SlaveSteps):
             self._abandon(p, now, "no answer to the ratchet request")
             return True
         ratchet_due = self._next_ratchet_at is not None and now >= self._next_ratchet_at
-        if p.kind == "hs" and key_good and ratchet_due and now - p.started >= 2 * HANDSHAKE_RETRY:
+        current = self.epochs.current
+        yield_at = p.started + 2 * HANDSHAKE_RETRY
+        if current is not None:  # early enough that the ratchet still lands before the key expires
+            yield_at = min(yield_at, current.created_at + self.config.max_key_age - self.interval)
+        if (
+            p.kind == "hs"
+            and key_good
+            and ratchet_due
+            and now >= max(yield_at, p.started + HANDSHAKE_RETRY / 4)
+        ):
             # HS-P: a struggling full handshake yields to the due ratchet while the key is good.
             self._abandon(p, now, "superseded by a due ratchet step")
             return True
@@ -182,7 +191,8 @@ class Peer(MasterSteps, SlaveSteps):
     def keys_failed(self, request_id: int, reason: str, now: float) -> None:
         """Report that an ETSI 014 request failed (reason: a short text, no secrets)."""
         self.stats.qkd_failures += 1
-        self._kme_bad_at = now
+        if request_id not in self._inflight:  # the master's own enc_keys; a slave's dec_keys failure is
+            self._kme_bad_at = now  # no evidence: the key_IDs came from the peer (maybe bogus ones)
         # Backoff doubles from 0.5 s, capped at one rekey interval (so the tunnel is back within about
         # two intervals of the KME recovering) and at FETCH_BACKOFF_MAX.
         ceiling = min(FETCH_BACKOFF_MAX, max(self.interval, 0.5))
@@ -286,8 +296,19 @@ class Peer(MasterSteps, SlaveSteps):
             self._kick_ids.clear()
             self._next_forced_kick = now + FORCED_KICK_GAP
             self.send_kick(now, self._kick_reason, force=True)
-        elif body is not None and body[0] == RespHello.TYPE and body in self._answered.values():
+        elif self._may_resend_answer(body):
+            assert body is not None
+            self._resent_answers.append(body[1])
             self._send_message(*body)  # our current answer (M2), whose mac2 the master could not check
+
+    def _may_resend_answer(self, body: tuple[int, bytes] | None) -> bool:
+        """Whether a Retry may have ``body`` resent: our current M2, once (forged Retries cannot amplify)."""
+        return (
+            body is not None
+            and body[0] == RespHello.TYPE
+            and body in self._answered.values()
+            and body[1] not in self._resent_answers
+        )
 
     def _kick_still_wanted(self, now: float) -> bool:
         """Whether the Kick a Retry answers is the latest, recent, and its reason still holds.

@@ -102,7 +102,7 @@ class SlaveSteps(PeerCore):
         if m1.ppk_id:
             if cfg.ppk is None or m1.ppk_id != cfg.ppk_id:
                 raise AuthenticationError(
-                    "M1 names a PPK this side does not hold (same peers[].ppk on both; configure the slave first)"
+                    "M1 names a PPK this side lacks (same peers[].ppk on both sides; slave first)"
                 )
         elif cfg.ppk is not None and cfg.ppk_mandatory:
             raise AuthenticationError("M1 uses no PPK, and the policy of this side makes its PPK mandatory")
