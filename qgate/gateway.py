@@ -375,7 +375,7 @@ class Gateway:
                 due = link.engine.next_timer()
                 if due is None or due <= now:
                     link.engine.handle_timer(now)
-                    self._flush(link)
+                    self._flush(link, timers_ran=True)
             self._audit_summaries(self._failures.due(now))
             if now >= next_stats:
                 self._write_stats()
@@ -435,9 +435,15 @@ class Gateway:
             self._fwd_stats().drops_send_error += 1
 
     # ----- actions -------------------------------------------------------------------
-    def _flush(self, link: _PeerLink) -> None:
+    def _flush(self, link: _PeerLink, *, timers_ran: bool = False) -> None:
+        """Carry out the engine's actions; the kernel filters follow its live indexes first.
+
+        Indexes appear only with actions (the messages that install epochs) and go only when a
+        timer expires an epoch, so the per-batch data path skips the index sync otherwise.
+        """
         actions = link.engine.take_actions()
-        self._sync_live_indexes(link, actions)
+        if actions or timers_ran:
+            self._sync_live_indexes(link, actions)
         for action in actions:
             self._do(link, action)
 

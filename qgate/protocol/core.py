@@ -264,7 +264,7 @@ class PeerCore:
         """Step G-3: hand the current challenge to the sender of ``frag`` (rate-limited)."""
         if frag.message_id in self._retried or not self._retry_budget.take(now):
             return  # one Retry per message, and a rate limit (a message is marked only once answered)
-        self._retried.first(frag.message_id)
+        self._retried.add(frag.message_id)
         self.stats.retries_sent += 1
         retry = guard.seal_retry(
             message_id=frag.message_id,

@@ -267,11 +267,8 @@ class AnsweredIds:
         """Whether a Retry was already sent for ``message_id``."""
         return message_id in self._ids
 
-    def first(self, message_id: int) -> bool:
-        """Record ``message_id``; True the first time it is seen."""
-        if message_id in self._ids:
-            return False
+    def add(self, message_id: int) -> None:
+        """Record that a Retry was sent for ``message_id`` (the oldest is forgotten past the limit)."""
         self._ids[message_id] = None
         while len(self._ids) > self._limit:
             self._ids.popitem(last=False)
-        return True
