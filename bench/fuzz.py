@@ -776,7 +776,7 @@ def _retry_call(corpus: RetryCorpus) -> Callable[[bytes], object]:
 def _retry_head_call(data: bytes) -> object:
     head = guard.parse_retry_head(data)
     if head is not None and (len(data) != RETRY_SIZE or data[0] != MSG_RETRY or
-                             head != (int.from_bytes(data[4:8], "big"), data[8])):  # fmt: skip
+                             head != (int.from_bytes(data[8:12], "big"), data[12])):  # fmt: skip
         raise InvariantError(f"parse_retry_head returned {head} for a datagram that does not say so")
     return head
 

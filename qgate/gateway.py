@@ -28,9 +28,9 @@ from qgate.audit import AuditLog
 from qgate.constants import QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
 from qgate.control import default_socket
 from qgate.crypto.kem import get_kem
-from qgate.dataplane.forwarder import Forwarder, ForwarderStats, Link
+from qgate.dataplane.forwarder import CONTROL_DATAGRAMS_PER_WAKE, Forwarder, ForwarderStats, Link
 from qgate.dataplane.routing import RouteTable
-from qgate.dataplane.sockfilter import UdpSockets, answer_index, open_udp_sockets
+from qgate.dataplane.sockfilter import UdpSockets, open_udp_sockets
 from qgate.dataplane.tunio import VnetTun
 from qgate.dataplane.udpio import UdpBatchIO
 from qgate.errors import ConfigError, QgateError
@@ -43,6 +43,7 @@ from qgate.metrics import MetricsServer, start_metrics_server, status_from_loop
 from qgate.netconfig import NetHandle, configure_tun
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
 from qgate.privileges import check_file_safety, drop_privileges
+from qgate.protocol.guard import TokenBucket
 from qgate.protocol.peer import (
     Action,
     FetchDecKeys,
@@ -96,8 +97,16 @@ GUARD_COUNTERS: Final = {
     "retries_unmatched": "retries_unmatched",
     "kicks_ignored": "kicks_ignored",
     "degrade_refused": "degrade_refused",
+    "session_requests": "session_requests",
 }
 """Status names of the handshake guard's counters (docs/protocol.md 2.3) -> ``ControlStats`` fields."""
+CONTROL_READ_RATE: Final = 4000.0
+"""Datagrams per second read from the control socket at most while some peer has a session (burst
+CONTROL_READ_BURST). An established session's messages come on the data socket (sockfilter.py), so
+this only paces junk and cold starts; a flood there is dropped by the kernel while qgate sleeps,
+which keeps the data path's wake-up latency (issue 10). About 20 us each here: 8 % of a core."""
+CONTROL_READ_BURST: Final = 256.0
+"""Control-socket datagrams read at once before CONTROL_READ_RATE applies."""
 SOCKET_BUFFER: Final = 4 << 20
 """Bytes of kernel socket buffer asked for in each direction."""
 _WARN_EVENTS: Final = frozenset(
@@ -212,10 +221,12 @@ class Gateway:
         self._tun: VnetTun | None = None
         self._fwd: Forwarder | None = None
         self._tun_again = False
+        self._control_budget = TokenBucket(CONTROL_READ_RATE, CONTROL_READ_BURST, time.monotonic())
+        self._control_paused = False
+        self.control_pauses = 0
         self._idle_stats = ForwarderStats()
         self._sock: socket.socket | None = None  # the data socket (sends), or the only one
         self._udp: UdpSockets | None = None
-        self._answer_index: dict[str, int] = {}  # per peer: the index its next R2 names (our last R1's)
         self._net: NetHandle | None = None
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -339,8 +350,9 @@ class Gateway:
         )
         assert self._loop is not None
         self._loop.add_reader(self._tun.fd, self._on_tun_readable)
-        for sock in udp.sockets():  # one handler: the data socket first, then a bounded control batch
-            self._loop.add_reader(sock.fileno(), self._on_udp_readable)
+        self._loop.add_reader(udp.data.fileno(), self._on_udp_readable)
+        if udp.control is not None:
+            self._loop.add_reader(udp.control.fileno(), self._on_control_readable)
 
     def _close(self) -> None:
         loop = self._loop
@@ -350,7 +362,6 @@ class Gateway:
                     loop.remove_reader(sock.fileno())
             self._udp.close()
             self._udp = self._sock = None
-            self._answer_index.clear()
         if self._net is not None:
             try:
                 self._net.remove()
@@ -400,20 +411,52 @@ class Gateway:
         if self._fwd is not None:
             self._fwd.on_udp_readable(time.monotonic())
 
-    def _sync_live_indexes(self, link: _PeerLink, actions: list[Action]) -> None:
+    def _on_control_readable(self) -> None:
+        """Read the control socket under CONTROL_READ_RATE while any peer has a session.
+
+        With the budget spent the reader is removed until it refills, so a flood waits in (and is
+        dropped by) the kernel instead of keeping the event loop busy.
+        """
+        fwd = self._fwd
+        if fwd is None:
+            return
+        now = time.monotonic()
+        limit = CONTROL_DATAGRAMS_PER_WAKE
+        paced = any(link.engine.established for link in self._peers)
+        if paced:
+            limit = min(limit, int(self._control_budget.available(now)))
+            if limit <= 0:
+                self._pause_control()
+                return
+        read = fwd.on_control_readable(now, limit)
+        if paced:
+            self._control_budget.take(now, read)
+
+    def _pause_control(self) -> None:
+        udp, loop = self._udp, self._loop
+        if udp is None or udp.control is None or loop is None or self._control_paused:
+            return
+        self._control_paused = True
+        self.control_pauses += 1
+        loop.remove_reader(udp.control.fileno())
+        loop.call_later(CONTROL_DATAGRAMS_PER_WAKE / CONTROL_READ_RATE, self._resume_control)
+
+    def _resume_control(self) -> None:
+        self._control_paused = False
+        udp, loop = self._udp, self._loop
+        if udp is not None and udp.control is not None and loop is not None:
+            loop.add_reader(udp.control.fileno(), self._on_control_readable)
+
+    def _sync_live_indexes(self) -> None:
         """Give the kernel's UDP filters the live receiver indexes (re-attached only when they changed).
 
         Called with an engine's actions before they are carried out, so a new epoch's index (and
-        the pending index an outgoing R1 asks the peer's R2 to name) is let through before any
-        message that lets the peer use it leaves.
+        the pending index an outgoing M1 or R1 asks the peer's answer to name) is let through before
+        any message that lets the peer use it leaves.
         """
         if self._udp is None:
             return
-        for action in actions:
-            if isinstance(action, SendDatagram) and (index := answer_index(action.data)) is not None:
-                self._answer_index[link.policy.name] = index
-        live = frozenset(self._answer_index.values()).union(*(p.engine.epochs.by_index for p in self._peers))
-        self._udp.set_live(live)
+        self._udp.set_live(frozenset().union(*(p.engine.live_indexes() for p in self._peers)))
 
     def _on_handshake(self, link: Link, datagram: bytes, now: float) -> None:
         link.engine.receive_fragment(datagram, now)
@@ -443,7 +486,7 @@ class Gateway:
         """
         actions = link.engine.take_actions()
         if actions or timers_ran:
-            self._sync_live_indexes(link, actions)
+            self._sync_live_indexes()
         for action in actions:
             self._do(link, action)
 

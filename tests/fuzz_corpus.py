@@ -161,21 +161,21 @@ def fragment_samples(msgs: Sequence[m.Message], rng: random.Random) -> list[Samp
     mac1 is for ``CORPUS_RECEIVER_PK``; mac2 under one of ``CORPUS_CHALLENGES`` or zero (no
     challenge known). Fields: the fragment header and, within the fragment, the message's fields.
     """
-    header: Fields = ((0, 1), (1, 1), (2, 1), (3, 1), (4, 4))
+    header: Fields = ((0, 1), (1, 1), (2, 1), (3, 1), (4, 4), (8, 4))
     mac1_key = guard.mac1_key(CORPUS_RECEIVER_PK)
     out = []
     for msg in msgs:
         encoded = msg.encode()
-        inner = message_fields(msg.TYPE, encoded, shift=8)
+        inner = message_fields(msg.TYPE, encoded, shift=12)
         challenge = rng.choice((None, *CORPUS_CHALLENGES))
-        for frag in fragment_message(msg.TYPE, encoded, rng.getrandbits(32)):
+        for frag in fragment_message(msg.TYPE, encoded, rng.getrandbits(32), rng.getrandbits(32)):
             datagram = guard.add_macs(frag, peer_mac1_key=mac1_key, peer_challenge=challenge)
             out.append(Sample(datagram, header + tuple(f for f in inner if f[0] < len(frag))))
     return out
 
 
-RETRY_FIELDS: Final[Fields] = ((0, 1), (1, 3), (4, 4), (8, 1), (9, 3))
-"""type, reserved, message_id, index, reserved of the 72-byte Retry (guard.py)."""
+RETRY_FIELDS: Final[Fields] = ((0, 1), (1, 3), (4, 4), (8, 4), (12, 1), (13, 3))
+"""type, reserved, steering hint, message_id, index, reserved of the 76-byte Retry (guard.py)."""
 
 
 @dataclass(frozen=True)

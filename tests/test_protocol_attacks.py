@@ -351,8 +351,8 @@ def test_an_m1_replayed_after_its_answer_left_the_cache_starts_no_resend_loop() 
     for p in (pair, base):
         p.run(0.3)
         _run(p, 20.0)
-    m1_ids = [d[4:8] for d in pair.wire if classify_datagram(d) == "handshake" and d[1] == 1]
-    last_m1 = [d for d in pair.wire if classify_datagram(d) == "handshake" and d[4:8] == m1_ids[-1]]
+    m1_ids = [d[8:12] for d in pair.wire if classify_datagram(d) == "handshake" and d[1] == 1]
+    last_m1 = [d for d in pair.wire if classify_datagram(d) == "handshake" and d[8:12] == m1_ids[-1]]
     for p in (pair, base):
         _run(p, 5.0)  # five R2s later the M2 answering it has left the slave's answer cache
     mark = len(pair.wire)
@@ -405,7 +405,7 @@ def test_an_on_path_forged_retry_for_each_m1_does_not_stop_full_handshakes() -> 
             ):
                 forged.append(
                     guard.seal_retry(
-                        message_id=int.from_bytes(a.data[4:8], "big"),
+                        message_id=int.from_bytes(a.data[8:12], "big"),
                         index=0,
                         answered_mac1=guard.fragment_mac1(a.data),
                         challenge=os.urandom(32),

@@ -45,6 +45,8 @@ OTHER_PK = hashlib.shake_256(b"qgate guard test: another public key").digest(195
 CHALLENGE = bytes(range(32, 64))
 NONCE = bytes(range(100, 112))
 MESSAGE_ID = 0x0A0B0C0D
+HINT = 0x01020304
+SESSION_KEY = bytes(range(64, 96))
 
 
 def _counter_rng() -> Callable[[int], bytes]:
@@ -58,7 +60,7 @@ def _counter_rng() -> Callable[[int], bytes]:
 
 
 def _fragment(body: bytes = bytes(range(200)), msg_type: int = 1, message_id: int = MESSAGE_ID) -> bytes:
-    return fragment_message(msg_type, body, message_id)[0]
+    return fragment_message(msg_type, body, message_id, HINT)[0]
 
 
 def _datagram(fragment: bytes, challenge: bytes | None = CHALLENGE, pk: bytes = RECEIVER_PK) -> bytes:
@@ -74,6 +76,7 @@ def _retry(datagram: bytes, challenge: bytes = CHALLENGE, pk: bytes = SENDER_PK)
         challenge=challenge,
         my_retry_key=guard.retry_key(pk),
         nonce=NONCE,
+        receiver_index=HINT,
     )
 
 
@@ -88,29 +91,40 @@ challenges = st.binary(min_size=CHALLENGE_SIZE, max_size=CHALLENGE_SIZE)
 
 # ----- known answers ------------------------------------------------------------------------------
 
-KAT_FRAGMENT_HEAD = "010100010a0b0c0d"  # type 1, M1, fragment 0 of 1, message_id 0x0a0b0c0d
+KAT_FRAGMENT_HEAD = "01010001010203040a0b0c0d"  # type 1, M1, fragment 0 of 1, hint 0x01020304, id 0x0a0b0c0d
 KAT_K_MAC1 = "01c46414237aaa1546452ca0932512c253e41dc598622e94daea5cb0de4835fa"
-KAT_MAC1 = "192f24f3e3bb50b58b554c5e47baa3c9"
-KAT_MAC2 = "4a537c27a557d41999673182929d2aff"
+KAT_MAC1 = "63a00db56694bb72e9ceee34139e3041"
+KAT_MAC2 = "622b1b52fb363fb9429fc07667fc945e"
+KAT_SESSION_MAC2 = "e6904a2d914dbd2ceb137d9d741cf515"
 KAT_K_RETRY = "9bdfcd9114f183e8e9c0455a907136e00ff1a96148c18efd04e0d2e47941e1fe"
 KAT_RETRY = (
-    "020000000a0b0c0d000000006465666768696a6b6c6d6e6f"
+    "02000000010203040a0b0c0d000000006465666768696a6b6c6d6e6f"
     "c3bb7d0b329bfe8365b9d2e7ea55b6aeedd5e1ace92f75b7b3eb052930feede0"
-    "69075f46dc7e4cf53dc728cd7506551d"
+    "ca39eaf2aef69221d03ba1b6c8450a13"
 )
 
 
 def test_k_mac1_k_retry_mac1_mac2_and_retry_of_a_fixed_fragment_match_an_independent_computation() -> None:
     fragment = _fragment()
-    assert fragment.hex().startswith(KAT_FRAGMENT_HEAD) and len(fragment) == 8 + 200
+    assert fragment.hex().startswith(KAT_FRAGMENT_HEAD) and len(fragment) == 12 + 200
     # Independently, with hashlib / hmac / cryptography only:
     k_mac1 = hashlib.sha384(b"qgate v2 mac1" + RECEIVER_PK).digest()[:32]
     mac1 = hmac.new(k_mac1, fragment, hashlib.sha384).digest()[:16]
     mac2 = hmac.new(CHALLENGE, b"qgate v2 mac2" + fragment + mac1, hashlib.sha384).digest()[:16]
     k_retry = hashlib.sha384(b"qgate v2 retry" + SENDER_PK).digest()[:32]
-    head = bytes([MSG_RETRY, 0, 0, 0]) + MESSAGE_ID.to_bytes(4, "big") + bytes([0, 0, 0, 0]) + NONCE
+    session_mac2 = hmac.new(SESSION_KEY, b"qgate v2 mac2 session" + fragment + mac1, hashlib.sha384).digest()[
+        :16
+    ]
+    head = (
+        bytes([MSG_RETRY, 0, 0, 0])
+        + HINT.to_bytes(4, "big")
+        + MESSAGE_ID.to_bytes(4, "big")
+        + bytes(4)
+        + NONCE
+    )
     retry = head + AESGCM(k_retry).encrypt(NONCE, CHALLENGE, head + mac1)
     assert (k_mac1.hex(), mac1.hex(), mac2.hex()) == (KAT_K_MAC1, KAT_MAC1, KAT_MAC2)
+    assert session_mac2.hex() == KAT_SESSION_MAC2
     assert (k_retry.hex(), retry.hex()) == (KAT_K_RETRY, KAT_RETRY)
     # Production:
     assert guard.mac1_key(RECEIVER_PK) == k_mac1
@@ -120,20 +134,29 @@ def test_k_mac1_k_retry_mac1_mac2_and_retry_of_a_fixed_fragment_match_an_indepen
     assert guard.fragment_mac1(datagram) == mac1 and guard.strip_macs(datagram) == fragment
     assert _retry(datagram) == retry and len(retry) == RETRY_SIZE
     assert guard.open_retry(retry, sent_mac1=mac1, peer_retry_key=k_retry) == CHALLENGE
+    with_session = guard.add_macs(
+        fragment, peer_mac1_key=k_mac1, peer_challenge=CHALLENGE, session_key=SESSION_KEY
+    )
+    assert with_session == fragment + mac1 + session_mac2
+    assert guard.session_mac2_ok(with_session, [bytes(32), SESSION_KEY])
+    assert not guard.session_mac2_ok(with_session, [CHALLENGE]) and not guard.mac2_ok(
+        with_session, [SESSION_KEY]
+    )
+    assert not guard.session_mac2_ok(datagram, [SESSION_KEY, CHALLENGE])  # a challenge mac2 is not one
 
 
 def test_retry_aad_covers_the_nonce_as_the_code_builds_it() -> None:
-    """The associated data is ``head(12) || nonce(12) || mac1``: the nonce is inside it.
+    """The associated data is ``head(16) || nonce(12) || mac1``: the nonce is inside it.
 
     (The guard.py docstring writes ``aad = Retry[..nonce] || mac1``; read like ``fragment[..mac1]``
     that would end before the nonce. The wire, and this vector, include the nonce.)
     """
     retry = bytes.fromhex(KAT_RETRY)
     k_retry, mac1 = bytes.fromhex(KAT_K_RETRY), bytes.fromhex(KAT_MAC1)
-    head = retry[:12]
+    head = retry[:16]
     with pytest.raises(InvalidTag):
-        AESGCM(k_retry).decrypt(NONCE, retry[24:], head + mac1)  # aad without the nonce: no
-    assert AESGCM(k_retry).decrypt(NONCE, retry[24:], retry[:24] + mac1) == CHALLENGE
+        AESGCM(k_retry).decrypt(NONCE, retry[28:], head + mac1)  # aad without the nonce: no
+    assert AESGCM(k_retry).decrypt(NONCE, retry[28:], retry[:28] + mac1) == CHALLENGE
 
 
 def test_mac2_is_sixteen_zero_bytes_when_the_sender_knows_no_challenge() -> None:

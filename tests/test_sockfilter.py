@@ -34,7 +34,6 @@ from qgate.dataplane.sockfilter import (
     RET_K,
     Insn,
     UdpSockets,
-    answer_index,
     assemble,
     control_filter,
     kernel_drops,
@@ -43,6 +42,7 @@ from qgate.dataplane.sockfilter import (
 )
 from qgate.dataplane.udpio import SOL_UDP, UDP_SEGMENT, UdpBatchIO
 from qgate.errors import DataPlaneError
+from qgate.protocol import guard
 from qgate.protocol.messages import InitConfirm, RatchetConfirm, RatchetRequest, RatchetResponse
 from qgate.protocol.wire import fragment_message
 
@@ -56,17 +56,22 @@ def record(index: int, size: int = 64) -> bytes:
     return struct.pack(">II", 0x04000000, index) + b"\x00" * 8 + b"\xaa" * (size - 16)
 
 
-FRAGMENT = bytes([0x01, 1, 0, 1]) + b"\x00\x00\x00\x07" + b"\xbb" * 100
+FRAGMENT = bytes([0x01, 1, 0, 1]) + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x07" + b"\xbb" * 100
 
 
-def message(msg_type: int, receiver_index: int, *, index: int = 0, count: int = 1) -> bytes:
-    """A handshake fragment whose message starts version(1) || receiver_index(4) (M3, R1, R2, R3)."""
-    body = bytes([1]) + receiver_index.to_bytes(4, "big") + b"\x00" * 36
-    return bytes([0x01, msg_type, index, count]) + b"\x00\x00\x00\x09" + body + b"\xdd" * 32
+def message(msg_type: int, hint: int, *, index: int = 0, count: int = 1) -> bytes:
+    """A handshake fragment: type || msg_type || index || count || steering hint || message_id || ..."""
+    head = bytes([0x01, msg_type, index, count]) + hint.to_bytes(4, "big") + b"\x00\x00\x00\x09"
+    return head + b"\x00" * 41 + b"\xdd" * 32
 
 
-M3, R1, R2, R3 = 3, 4, 5, 6
-RETRY = bytes([0x02]) + b"\xcc" * 71
+M1, M2, M3, R1, R2, R3, KICK = 1, 2, 3, 4, 5, 6, 7
+RETRY = bytes([0x02]) + b"\xcc" * 75
+
+
+def retry(hint: int) -> bytes:
+    """A Retry's shape: 02 00 00 00 || steering hint || message_id || index || ... (76 bytes)."""
+    return bytes([0x02, 0, 0, 0]) + hint.to_bytes(4, "big") + b"\xcc" * 68
 
 
 def run_cbpf(program: list[Insn], packet: bytes) -> int:
@@ -119,14 +124,18 @@ def run_cbpf(program: list[Insn], packet: bytes) -> int:
         (message(M3, LIVE), DATA_SOCKET),
         (message(R3, LIVE), DATA_SOCKET),
         (message(R1, OTHER), CONTROL_SOCKET),
-        (message(R2, LIVE), DATA_SOCKET),  # the master's pending index, from the R1 it sent
-        (message(2, LIVE), CONTROL_SOCKET),  # M2 names it too, but only in its first fragment
-        (message(R1, LIVE, count=2), CONTROL_SOCKET),
-        (message(R1, LIVE, index=1, count=2), CONTROL_SOCKET),
+        (message(R2, LIVE), DATA_SOCKET),  # the master's pending index
+        (message(M1, LIVE, index=2, count=4), DATA_SOCKET),  # every fragment of a session's M1
+        (message(M2, LIVE, index=1, count=3), DATA_SOCKET),
+        (message(KICK, LIVE), DATA_SOCKET),
+        (message(M1, 0, count=4), CONTROL_SOCKET),  # no session yet: hint 0 (never a live index)
         (message(R1, LIVE)[:31], CONTROL_SOCKET),
+        (retry(LIVE), DATA_SOCKET),
+        (retry(OTHER), CONTROL_SOCKET),
+        (bytes([0x05, 0, 0, 0]) + LIVE.to_bytes(4, "big") + bytes(40), CONTROL_SOCKET),  # unknown type
     ],
 )
-def test_steering_program_sends_only_live_records_and_indexed_messages_to_the_data_socket(
+def test_steering_program_sends_only_datagrams_naming_a_live_index_to_the_data_socket(
     payload: bytes, socket_index: int
 ) -> None:
     assert run_cbpf(steering_program({LIVE, 7}), payload) == socket_index  # offset 0 = first payload byte
@@ -150,28 +159,29 @@ def test_control_filter_keeps_handshakes_and_live_records_and_drops_the_rest(
     assert run_cbpf(control_filter({LIVE}), UDP_HEADER + payload) == verdict  # the filter sees the UDP header
 
 
-def test_steering_reads_the_receiver_index_where_the_real_wire_encoding_puts_it() -> None:
+def test_steering_reads_the_hint_where_the_real_wire_encoding_puts_it() -> None:
     key_ids = ("0123456789abcdef0123456789abcdef0123",)
     encoded = {
         RatchetRequest.TYPE: RatchetRequest(LIVE, 77, 5, bytes(32), key_ids).encode(),
         InitConfirm.TYPE: InitConfirm(LIVE, 5, bytes(32)).encode(),
         RatchetResponse.TYPE: RatchetResponse(LIVE, 78, 6, bytes(32)).encode(),
         RatchetConfirm.TYPE: RatchetConfirm(LIVE, 6, bytes(32)).encode(),
+        M1: bytes(4000),
     }
     for msg_type, body in encoded.items():
-        (fragment,) = fragment_message(msg_type, body, 0x1234)
-        assert run_cbpf(steering_program({LIVE}), fragment + bytes(32)) == DATA_SOCKET, msg_type
-        assert run_cbpf(steering_program({OTHER}), fragment + bytes(32)) == CONTROL_SOCKET, msg_type
-
-
-def test_answer_index_is_the_sender_index_of_an_outgoing_r1_and_nothing_else() -> None:
-    r1 = RatchetRequest(OTHER, LIVE, 5, bytes(32), ("k",)).encode()
-    (fragment,) = fragment_message(RatchetRequest.TYPE, r1, 0x1234)
-    assert answer_index(fragment + bytes(32)) == LIVE  # what the slave's R2 names as receiver_index
-    r2 = RatchetResponse(OTHER, LIVE, 6, bytes(32)).encode()
-    assert answer_index(fragment_message(RatchetResponse.TYPE, r2, 1)[0]) is None
-    assert answer_index(message(R1, LIVE, count=2)) is None
-    assert answer_index(record(LIVE)) is None and answer_index(b"\x01\x04") is None
+        for fragment in fragment_message(msg_type, body, 0x1234, LIVE):
+            assert run_cbpf(steering_program({LIVE}), fragment + bytes(32)) == DATA_SOCKET, msg_type
+            assert run_cbpf(steering_program({OTHER}), fragment + bytes(32)) == CONTROL_SOCKET, msg_type
+    sealed = guard.seal_retry(
+        message_id=9,
+        index=0,
+        answered_mac1=bytes(16),
+        challenge=bytes(32),
+        my_retry_key=bytes(32),
+        nonce=bytes(12),
+        receiver_index=LIVE,
+    )
+    assert run_cbpf(steering_program({LIVE}), sealed) == DATA_SOCKET
 
 
 def test_with_no_live_index_no_data_record_passes_either_program() -> None:
@@ -226,9 +236,15 @@ def test_two_sockets_share_the_port_and_the_kernel_steers_by_type_and_live_index
     address = split.data.getsockname()
     assert split.control.getsockname() == address
     sent = (record(LIVE), FRAGMENT, record(OTHER), RETRY, b"\x03" * 40, record(LIVE, 32), message(R1, LIVE))
-    for payload in (*sent, message(R1, OTHER)):
+    for payload in (*sent, message(R1, OTHER), message(M1, LIVE, count=3), retry(LIVE)):
         sender.sendto(payload, address)
-    assert _drain(split.data) == [record(LIVE), record(LIVE, 32), message(R1, LIVE)]
+    assert _drain(split.data) == [
+        record(LIVE),
+        record(LIVE, 32),
+        message(R1, LIVE),
+        message(M1, LIVE, count=3),
+        retry(LIVE),
+    ]
     assert _drain(split.control) == [FRAGMENT, RETRY, message(R1, OTHER)]
     status = split.status()
     assert status["kernel_drops_control"] == 2  # dropped by the filter, before the queue
@@ -367,7 +383,7 @@ class _FakeTun:
         return 0
 
 
-def test_forwarder_serves_the_data_socket_first_and_a_bounded_control_batch() -> None:
+def test_forwarder_reads_the_control_socket_only_as_far_as_the_limit_it_is_given() -> None:
     calls: list[tuple[str, int]] = []
     junk = [b"\x03" * 10] * 1000
     fwd = Forwarder(
@@ -382,6 +398,8 @@ def test_forwarder_serves_the_data_socket_first_and_a_bounded_control_batch() ->
         control=_FakeUdp("control", calls, junk),  # type: ignore[arg-type]
     )
     fwd.on_udp_readable(0.0)
-    assert [name for name, _ in calls] == ["data", "control"]
-    assert calls[1][1] == CONTROL_DATAGRAMS_PER_WAKE
-    assert fwd.stats.rx_not_qgate == CONTROL_DATAGRAMS_PER_WAKE and fwd.stats.rx_unknown_index == 1
+    assert [name for name, _ in calls] == ["data"] and fwd.stats.rx_unknown_index == 1
+    assert fwd.on_control_readable(0.0) == CONTROL_DATAGRAMS_PER_WAKE
+    assert fwd.on_control_readable(0.0, 3) == 3 and fwd.on_control_readable(0.0, 0) == 0
+    assert calls[1:] == [("control", CONTROL_DATAGRAMS_PER_WAKE), ("control", 3)]
+    assert fwd.stats.rx_not_qgate == CONTROL_DATAGRAMS_PER_WAKE + 3

@@ -25,6 +25,8 @@ import logging
 from typing import Any, Final
 
 import pytest
+from cryptography.hazmat.primitives.hashes import SHA384
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from qgate_recorder import (
     MASTER_TO_SLAVE,
     PUBLIC_DERIVED,
@@ -203,19 +205,40 @@ def test_every_fragment_carries_the_receivers_mac1_and_not_one_for_the_sender() 
         assert not guard.mac1_ok(d.data, _key(sender_of(d.direction), "k_mac1")), d.what
 
 
-def test_mac2_verifies_under_a_challenge_of_the_receiver_or_is_zero_and_answered_by_a_retry() -> None:
+def _session_mac2_keys() -> list[bytes]:
+    """K_sm of each recorded epoch, computed here from its chaining key (HKDF-Expand-SHA384, RFC 5869)."""
+    keys = []
+    for section in ("handshake", "ratchet"):
+        ck = bytes.fromhex(DOC["derived"][section]["ck"])
+        keys.append(HKDFExpand(SHA384(), 32, b"qgate v2 session mac2").derive(ck))
+    return keys
+
+
+def test_session_mac2_key_is_ks_sm_of_the_chaining_key() -> None:
+    ck = Secret(bytes.fromhex(DOC["derived"]["handshake"]["ck"]))
+    assert ks.session_mac2_key(ck) == _session_mac2_keys()[0]
+
+
+def test_mac2_is_a_challenge_or_session_mac2_of_the_receiver_or_zero_and_answered_by_a_retry() -> None:
     answered = {fragment for _, fragment in retries(RECORDED)}
-    zero = set()
+    zero, session = set(), set()
+    session_keys = _session_mac2_keys()
     for at, d in _fragments():
         if d.data[-FRAGMENT_MAC_SIZE:] == NO_MAC:
             zero.add(at)
+            continue
+        if guard.session_mac2_ok(d.data, session_keys):  # sent by a side that held an epoch
+            session.add(at)
+            assert not guard.mac2_ok(d.data, _challenges(receiver_of(d.direction))), f"#{at} {d.what}"
             continue
         assert guard.mac2_ok(d.data, _challenges(receiver_of(d.direction))), f"#{at} {d.what}"
         assert not guard.mac2_ok(d.data, _challenges(sender_of(d.direction))), f"#{at} {d.what}"
     multi = {at for at, d in _fragments() if parse_fragment(d.data).msg_type in MULTI_FRAGMENT_TYPES}
     assert zero, "no fragment was sent before its sender knew a challenge"
-    assert answered <= zero & multi, "a Retry answers only an M1/M2/Kick fragment without a valid mac2"
-    for s in SENT:  # every such request got at least one Retry (one per fragment is engine policy)
+    assert session, "no fragment was sent under a session mac2"
+    first = {at for at, d in _fragments() if parse_fragment(d.data).index == 0}
+    assert answered <= zero & multi & first, "a Retry answers only a first M1/M2/Kick fragment without mac2"
+    for s in SENT:  # every such request got at least one Retry (one per message is engine policy)
         if s.name in ("M1", "M2", "Kick") and set(s.positions) <= zero:
             assert set(s.positions) & answered, f"{s.name} #{s.positions[0]} got no Retry"
 

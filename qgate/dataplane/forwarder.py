@@ -12,9 +12,9 @@ there), so the receiver merges packets without summing them again (protocol.md s
 Without offloads (old kernel, or ``tun.offload: false``) the same wire format goes through plain
 reads, writes, ``sendto`` and ``recvfrom``, logged once at start.
 With the kernel's steering (``sockfilter``), records of a live epoch come on the data socket and
-everything else on the control socket; every wake serves the data socket first and takes at most
-:data:`CONTROL_DATAGRAMS_PER_WAKE` from the control socket, so a flood of handshake-shaped junk
-costs a bounded slice of each wake and never delays a record behind it (issue 10).
+everything else on the control socket, which the gateway reads at most
+:data:`CONTROL_DATAGRAMS_PER_WAKE` at a time under a rate budget, so a flood of handshake-shaped
+junk costs a bounded share of the CPU and never delays a record behind it (issue 10).
 Per-packet failures are counted, never raised.
 """
 
@@ -30,7 +30,7 @@ from qgate.dataplane.fq import FairQueue
 from qgate.dataplane.offload import checksum_vouched, split_tso
 from qgate.dataplane.routing import RouteTable
 from qgate.dataplane.tunio import VnetTun
-from qgate.dataplane.udpio import UdpBatchIO
+from qgate.dataplane.udpio import Address, UdpBatchIO
 from qgate.errors import DataPlaneError
 from qgate.protocol.peer import Peer
 
@@ -192,16 +192,24 @@ class Forwarder:
 
     # ----- inbound -------------------------------------------------------------------
     def on_udp_readable(self, now: float) -> None:
-        """Receive a batch, open each record, write the inner packets (coalesced) to the TUN.
+        """Receive a batch from the data socket, open each record, write the inner packets to the TUN."""
+        self._receive(self.udp.recv_batch(UDP_CALLS_PER_WAKE, UDP_DATAGRAMS_PER_WAKE), now)
 
-        The data socket is read first (one budget), then at most :data:`CONTROL_DATAGRAMS_PER_WAKE`
-        of the control socket; a datagram of any kind is handled the same on either socket.
+    def on_control_readable(self, now: float, limit: int = CONTROL_DATAGRAMS_PER_WAKE) -> int:
+        """Receive at most ``limit`` datagrams from the control socket and handle them; return how many.
+
+        The gateway calls it with a rate budget (``qgate.gateway``), so a flood there costs a bounded
+        share of the CPU; a datagram of any kind is handled the same on either socket.
         """
+        if self.control is None or limit <= 0:
+            return 0
+        batch = self.control.recv_batch(limit, limit)
+        self._receive(batch, now)
+        return len(batch)
+
+    def _receive(self, batch: list[tuple[bytes, Address]], now: float) -> None:
         pending: list[bytes] = []
         touched: dict[int, Link] = {}
-        batch = self.udp.recv_batch(UDP_CALLS_PER_WAKE, UDP_DATAGRAMS_PER_WAKE)
-        if self.control is not None:
-            batch += self.control.recv_batch(CONTROL_DATAGRAMS_PER_WAKE, CONTROL_DATAGRAMS_PER_WAKE)
         for datagram, address in batch:
             link = self._dispatch(datagram, (address[0], address[1]), now, pending)
             if link is not None:

@@ -10,14 +10,13 @@ own queue (issue 10). Two classic BPF programs (``filter(2)`` opcodes, assembled
   received skb with the data pulled past the UDP header (``net/core/sock_reuseport.c``,
   ``reuseport_select_sock``: "BPF filter expects skb data pointer at payload data"; UDP passes
   ``hdr_len = sizeof(struct udphdr)``), so offset 0 is the first payload byte; its return value is
-  the socket's index in the group. It returns 0 for a well-formed data record (length >= 32, first
-  word ``04 00 00 00``) whose ``receiver_index`` is live (current, next or previous epoch of any
-  peer), and for a one-fragment M3, R1, R2 or R3 naming a live index (fragment header
-  ``01 t 00 01``, the message's ``receiver_index`` at byte 9, docs/protocol.md 3.2: the slave's own
-  index in M3, R1 and R3; in R2 the master's pending index, which the gateway reads from the R1 it
-  sends, :func:`answer_index`), so the QKD ratchet that keeps the key fresh does not queue behind
-  the flood; 1 for everything else. M1, M2 and Kick name no index the receiver knows in every
-  fragment, so they share the control socket with the flood.
+  the socket's index in the group. It returns 0 for a datagram of at least 32 bytes whose bytes 4..7
+  name a live index: a data record (first word ``04 00 00 00``, its ``receiver_index``), or a
+  handshake fragment (0x01) or Retry (0x02), whose steering hint sits at the same offset
+  (docs/protocol.md 2.2): the index of a live epoch, or of the exchange the receiver has pending
+  (``Peer.live_indexes``). So every message of an established session, the QKD ratchet and the
+  periodic ML-KEM handshake alike, keeps its own queue under a flood. It returns 1 for everything
+  else: junk, and the handshakes of a peer with no session yet.
 * the **control filter**, attached to the control socket with ``SO_ATTACH_FILTER``, runs with the
   data at the UDP header (``udp_queue_rcv_one_skb`` -> ``sk_filter_trim_cap``), so the payload
   starts at offset 8. It keeps handshake fragments (0x01) and Retries (0x02), keeps data records of
@@ -61,7 +60,6 @@ from qgate.constants import (
     MSG_RETRY,
 )
 from qgate.errors import DataPlaneError
-from qgate.protocol.messages import InitConfirm, RatchetConfirm, RatchetRequest, RatchetResponse
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +91,8 @@ DATA_WORD0: Final = MSG_DATA << 24
 """First 32-bit word (big-endian) of a data record: type 0x04, three zero reserved bytes."""
 DATA_RECORD_MIN: Final = DATA_HEADER_SIZE + AEAD_TAG_SIZE
 """Bytes: the shortest data record (an empty keepalive)."""
-INDEXED_MESSAGES: Final = (InitConfirm.TYPE, RatchetRequest.TYPE, RatchetResponse.TYPE, RatchetConfirm.TYPE)
-"""msg_types with ``receiver_index`` right after the version byte, naming an index the receiver holds."""
-SOLE_FRAGMENT: Final = 0x0001
-"""Fragment header bytes 2..3 of a one-fragment message: index 0, count 1."""
-INDEXED_MESSAGE_OFFSET: Final = 9
-"""Byte of a fragment where an indexed message's receiver_index starts: header(8) + version(1)."""
+STEERING_INDEX_OFFSET: Final = 4
+"""Byte where every qgate datagram's receiver_index (data) or steering hint (fragment, Retry) starts."""
 
 # Classic BPF opcodes (linux/filter.h, linux/bpf_common.h): class | size | mode.
 LD_W_ABS: Final = 0x20
@@ -142,7 +136,7 @@ def _live_data(base: int, indexes: Iterable[int], yes: int, no: int) -> list[Ins
 
 
 def steering_program(indexes: Iterable[int]) -> list[Insn]:
-    """Build the reuseport program: data socket (0) for live records and indexed messages, else control (1).
+    """Build the reuseport program: data socket (0) for datagrams naming a live index, else control (1).
 
     Args:
         indexes: live receiver indexes (u32), at most :data:`MAX_LIVE_INDEXES`.
@@ -152,28 +146,19 @@ def steering_program(indexes: Iterable[int]) -> list[Insn]:
         comes after the length check, so no datagram reaches the data socket by a failed load
         (which makes a classic BPF program return 0).
     """
-    handshake: list[Insn] = [
-        (LD_B_ABS, 0, 0, 0),
-        (JEQ_K, 1, 0, MSG_HANDSHAKE_FRAGMENT),
-        (RET_K, 0, 0, CONTROL_SOCKET),
-        (LD_H_ABS, 0, 0, 2),
-        (JEQ_K, 1, 0, SOLE_FRAGMENT),
-        (RET_K, 0, 0, CONTROL_SOCKET),
-        (LD_B_ABS, 0, 0, 1),
-        *((JEQ_K, len(INDEXED_MESSAGES) - i, 0, t) for i, t in enumerate(INDEXED_MESSAGES)),
-        (RET_K, 0, 0, CONTROL_SOCKET),
-        (LD_W_ABS, 0, 0, INDEXED_MESSAGE_OFFSET),
-    ]
-    data: list[Insn] = [
+    head: list[Insn] = [
         (LD_W_LEN, 0, 0, 0),
-        (JGE_K, 1, 0, DATA_RECORD_MIN),  # also more than the 13 bytes the handshake part reads
+        (JGE_K, 1, 0, DATA_RECORD_MIN),  # 32: covers every load below
         (RET_K, 0, 0, CONTROL_SOCKET),
+        (LD_B_ABS, 0, 0, 0),
+        (JEQ_K, 4, 0, MSG_HANDSHAKE_FRAGMENT),  # to the index load
+        (JEQ_K, 3, 0, MSG_RETRY),
         (LD_W_ABS, 0, 0, 0),
-        (JEQ_K, 0, 2, DATA_WORD0),
-        (LD_W_ABS, 0, 0, 4),  # a data record's receiver_index
-        (JA, 0, 0, len(handshake)),  # over the handshake part, to the index list
+        (JEQ_K, 1, 0, DATA_WORD0),
+        (RET_K, 0, 0, CONTROL_SOCKET),
+        (LD_W_ABS, 0, 0, STEERING_INDEX_OFFSET),  # receiver_index, or a fragment's steering hint
     ]
-    return data + handshake + _index_list(indexes, DATA_SOCKET, CONTROL_SOCKET)
+    return head + _index_list(indexes, DATA_SOCKET, CONTROL_SOCKET)
 
 
 def _index_list(indexes: Iterable[int], yes: int, no: int) -> list[Insn]:
@@ -217,22 +202,6 @@ def control_filter(indexes: Iterable[int]) -> list[Insn]:
         (RET_K, 0, 0, DROP),
     ]
     return head + _live_data(UDP_HEADER_SIZE, indexes, KEEP_ALL, DROP)
-
-
-def answer_index(datagram: bytes) -> int | None:
-    """Return the index the peer's answer will name, if ``datagram`` (sent by us) asks for one.
-
-    An outgoing one-fragment R1 carries the master's new ``sender_index`` at bytes 13..16
-    (header(8), version(1), receiver_index(4)); the slave's R2 names it as ``receiver_index``.
-
-    Returns:
-        That index, or None for any other datagram.
-    """
-    if len(datagram) < INDEXED_MESSAGE_OFFSET + 8 or datagram[0] != MSG_HANDSHAKE_FRAGMENT:
-        return None
-    if datagram[1] != RatchetRequest.TYPE or datagram[2:4] != SOLE_FRAGMENT.to_bytes(2, "big"):
-        return None
-    return int.from_bytes(datagram[INDEXED_MESSAGE_OFFSET + 4 : INDEXED_MESSAGE_OFFSET + 8], "big")
 
 
 def assemble(program: list[Insn]) -> bytes:

@@ -115,3 +115,4 @@ class ControlStats:
     retries_sent: int = 0
     retries_received: int = 0
     retries_unmatched: int = 0
+    session_requests: int = 0

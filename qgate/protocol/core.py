@@ -18,7 +18,9 @@ from qgate.constants import (
     ANCHORS_KEPT,
     EXPENSIVE_BURST,
     EXPENSIVE_RATE,
+    KICK_HANDSHAKE_MIN_INTERVAL,
     LOCAL_EVIDENCE_TTL,
+    RETRY_BURST,
     RETRY_NONCE_SIZE,
     RETRY_RATE,
 )
@@ -158,10 +160,10 @@ class PeerCore:
         self._challenges = guard.ChallengeBook(rng)
         self._peer_challenge: bytes | None = None
         self._expensive = guard.TokenBucket(EXPENSIVE_RATE, EXPENSIVE_BURST, now)
-        self._retry_budget = guard.TokenBucket(RETRY_RATE, RETRY_RATE, now)
+        self._retry_budget = guard.TokenBucket(RETRY_RATE, RETRY_BURST, now)
         self._sent_macs = guard.SentMacs()
         self._retried = guard.AnsweredIds()
-        self._sent_bodies: OrderedDict[int, tuple[int, bytes]] = OrderedDict()
+        self._sent_bodies: OrderedDict[int, tuple[int, bytes, int | None]] = OrderedDict()
         self._kick_ids: deque[int] = deque(maxlen=4)
         self.epochs = EpochSet(max_key_age=config.max_key_age)
         self.stats = ControlStats()
@@ -176,6 +178,7 @@ class PeerCore:
         self._next_attempt_at: float | None = now if config.role == "master" else None
         self._next_kick_at = now
         self._kick_handshake_at: float | None = None
+        self._kick_gap = KICK_HANDSHAKE_MIN_INTERVAL
         self._kick_reason = KICK_NO_SESSION
         self._next_forced_kick = now
         self._kick_owed: int | None = None
@@ -194,7 +197,11 @@ class PeerCore:
         self.last_problem = ""
         self._dead_key_ids: deque[str] = deque(maxlen=DEAD_KEY_IDS)
         self.last_handshake_at: float | None = None
-        self._answered: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()
+        self._answered: OrderedDict[bytes, tuple[int, bytes, int | None]] = OrderedDict()
+        self._sm2_keys: dict[tuple[int, int], bytes] = {}  # (my_index, number) -> K_sm
+        self._session_request = False  # the message being handled came under a session mac2
+        self._session_fragments: OrderedDict[int, bool] = OrderedDict()  # by message_id
+        self._last_record_at: float | None = None  # a record from the peer last opened
 
     def take_actions(self) -> list[Action]:
         """Return and clear the actions produced so far, in order."""
@@ -206,22 +213,72 @@ class PeerCore:
             self.last_problem = f"{kind}: {detail['reason']}"
         self._actions.append(PeerEvent(kind, {"peer": self.config.name, **detail}))
 
-    def _transmit(self, fragments: Sequence[bytes]) -> None:
-        """Step G-1: append mac1 (peer's identity) and mac2 (peer's challenge) and send."""
+    def _steer_index(self) -> int:
+        """The steering hint for messages to the peer (wire.py): its index of our current epoch, or 0."""
+        current = self.epochs.current
+        return current.peer_index if current is not None else 0
+
+    def _session_key(self, epoch: Epoch) -> bytes:
+        """Return ``K_sm`` of ``epoch`` (keyschedule KS-SM), derived once per epoch.
+
+        Keys of epochs this side no longer holds are forgotten (no reference to an old epoch stays).
+        """
+        cache = self._sm2_keys
+        tag = (epoch.my_index, epoch.number)
+        key = cache.get(tag)
+        if key is None:
+            for old in [t for t in cache if self.epochs.by_index.get(t[0]) is None]:
+                del cache[old]
+            key = cache[tag] = ks.session_mac2_key(epoch.chaining_key)
+        return key
+
+    def _sending_session_key(self) -> bytes | None:
+        """The key of a session mac2 on what this side sends (G-1), or None for the challenge's mac2.
+
+        The current epoch's, unless it is closed (past max_key_age).
+        """
+        current = self.epochs.current
+        if current is None or self.mode == "closed":
+            return None
+        return self._session_key(current)
+
+    def _receiving_session_keys(self, now: float) -> list[bytes]:
+        """Keys a session mac2 from the peer may be made under: those of every usable epoch (G-2)."""
+        return [self._session_key(e) for e in self.epochs.by_index.values() if self.epochs.usable(e, now)]
+
+    def _transmit(self, fragments: Sequence[bytes], *, session: bool = True) -> None:
+        """Step G-1: append mac1 (peer's identity) and mac2 (session or peer's challenge) and send.
+
+        ``session`` False: the challenge's mac2 even with a usable epoch (a resend a Retry asked for:
+        the peer may lack the epoch; an on-path forged Retry changes only that one transmission).
+        """
+        session_key = self._sending_session_key() if session else None
         for raw in fragments:
-            datagram = guard.add_macs(raw, peer_mac1_key=self._peer_mac1, peer_challenge=self._peer_challenge)
+            datagram = guard.add_macs(
+                raw,
+                peer_mac1_key=self._peer_mac1,
+                peer_challenge=self._peer_challenge,
+                session_key=session_key,
+            )
             self._sent_macs.note(datagram)
             self._actions.append(SendDatagram(datagram))
 
-    def _send_message(self, msg_type: int, body: bytes) -> tuple[int, list[bytes]]:
-        """Fragment and send one message; return its message_id and raw fragments (for resends)."""
+    def _send_message(
+        self, msg_type: int, body: bytes, receiver_index: int | None = None, *, session: bool = True
+    ) -> tuple[int, list[bytes]]:
+        """Fragment and send one message; return its message_id and raw fragments (for resends).
+
+        ``receiver_index`` is the steering hint (wire.py): the index the message names, or None for
+        :meth:`_steer_index`.
+        """
         message_id = new_message_id(self._rng)
-        frags = fragment_message(msg_type, body, message_id)
+        hint = self._steer_index() if receiver_index is None else receiver_index
+        frags = fragment_message(msg_type, body, message_id, hint)
         if msg_type in MULTI_FRAGMENT_TYPES:
-            self._sent_bodies[message_id] = (msg_type, body)
+            self._sent_bodies[message_id] = (msg_type, body, receiver_index)
             while len(self._sent_bodies) > SENT_BODIES:
                 self._sent_bodies.popitem(last=False)
-        self._transmit(frags)
+        self._transmit(frags, session=session)
         return message_id, frags
 
     def _new_index(self) -> int:
@@ -260,11 +317,21 @@ class PeerCore:
         """Whether this side's KME failed (or was empty) within LOCAL_EVIDENCE_TTL, with no success since."""
         return self._kme_bad_at is not None and now - self._kme_bad_at <= LOCAL_EVIDENCE_TTL
 
-    def _send_retry(self, frag: Fragment, datagram: bytes, now: float) -> None:
-        """Step G-3: hand the current challenge to the sender of ``frag`` (rate-limited)."""
-        if frag.message_id in self._retried or not self._retry_budget.take(now):
+    def _send_retry(
+        self, frag: Fragment, datagram: bytes, now: float, *, whole_message: bool = False
+    ) -> None:
+        """Step G-3: hand the current challenge to the sender of ``frag`` (rate-limited).
+
+        Only a full-size first fragment is answered, so a Retry (76 bytes) is always much smaller
+        than what draws it, and a message_id at most once per half second (``guard.AnsweredIds``):
+        the sender's retransmission (HS-RT) draws a lost one again. ``whole_message``: ``frag``
+        completed a message that passed mac2 but echoed a stale challenge; any fragment then.
+        """
+        if not whole_message and (frag.index != 0 or frag.count < 2):
+            return
+        if self._retried.recent(frag.message_id, now) or not self._retry_budget.take(now):
             return  # one Retry per message, and a rate limit (a message is marked only once answered)
-        self._retried.add(frag.message_id)
+        self._retried.add(frag.message_id, now)
         self.stats.retries_sent += 1
         retry = guard.seal_retry(
             message_id=frag.message_id,
@@ -273,6 +340,7 @@ class PeerCore:
             challenge=self._challenges.current,
             my_retry_key=self._my_retry,
             nonce=self._rng(RETRY_NONCE_SIZE),
+            receiver_index=self._steer_index(),
         )
         self._actions.append(SendDatagram(retry))
 
@@ -280,10 +348,16 @@ class PeerCore:
         """Answer the message just reassembled with a Retry (its echo was stale)."""
         self.stats.stale_challenges += 1
         if self._last_fragment is not None:
-            self._send_retry(*self._last_fragment, now)
+            self._send_retry(*self._last_fragment, now, whole_message=True)
 
     def _spend(self, what: str, now: float) -> bool:
-        """Take one unit of the expensive-work budget (G-5); False (counted) when it is spent."""
+        """Take one unit of the expensive-work budget (G-5); False (counted) when it is spent.
+
+        A request that came under a session mac2 is the session key holder's: it costs no budget.
+        """
+        if self._session_request:
+            self.stats.session_requests += 1
+            return True
         if self._expensive.take(now):
             return True
         self.stats.drops_budget += 1
@@ -359,8 +433,8 @@ class PeerCore:
             key_ids=key_ids,
         )
 
-    def _remember_answer(self, request_hash: bytes, msg_type: int, body: bytes) -> None:
-        self._answered[request_hash] = (msg_type, body)
+    def _remember_answer(self, request_hash: bytes, msg_type: int, body: bytes, receiver_index: int) -> None:
+        self._answered[request_hash] = (msg_type, body, receiver_index)
         while len(self._answered) > RESPONSE_CACHE:
             self._answered.popitem(last=False)
 
@@ -371,6 +445,16 @@ class PeerCore:
             return False
         self._send_message(*cached)
         return True
+
+    def live_indexes(self) -> set[int]:
+        """Receiver indexes the peer may name now (the kernel steers them, sockfilter.py).
+
+        Every live epoch's, and the pending exchange's (the peer's M2 or R2 names it).
+        """
+        live = set(self.epochs.by_index)
+        if self._pending is not None and self._pending.my_index:
+            live.add(self._pending.my_index)
+        return live
 
     def state(self, now: float) -> tuple[str, str]:
         """Return ``(state, why)``: state is up, rekeying, degraded or down; why explains down/degraded."""

@@ -7,16 +7,21 @@ cookie). Every handshake fragment ends with a 32-byte trailer ``mac1(16) || mac2
   mac1" || public key of the receiver R)[:32]``. Only a sender that knows R's pinned public key can
   make it, so scanners and junk are dropped before any reassembly, parsing or signature work.
 * ``mac2 = HMAC-SHA-384(C, "qgate v2 mac2" || fragment[..mac2])[:16]`` where C is the receiver's
-  current *challenge* (32 random bytes it handed out). Required on M1, M2 and Kick, the messages
+  current *challenge* (32 random bytes it handed out), or, from a sender holding a usable epoch,
+  a **session mac2** ``HMAC-SHA-384(K_sm(ck), "qgate v2 mac2 session" || fragment[..mac2])[:16]``
+  under that epoch's ``K_sm`` (``keyschedule.session_mac2_key``): a request whose every fragment
+  has one comes from the holder of the session's keys, so an on-path attacker who reads challenges
+  still cannot spend the receiver's signature budget on it. Required on M1, M2 and Kick, the messages
   that cost a signature check, a KEM operation or a QKD key. The challenge reaches the peer in
   signed or MACed messages (M1, M2, R1, Kick) or in a Retry, always addressed to the peer's
   configured endpoint, so a valid mac2 proves the sender receives there: an off-path spoofer of
   the peer's address cannot make one (the Retry is encrypted, and bound to a fragment it never saw).
 
-A **Retry** datagram (type 0x02) answers a fragment whose mac2 fails, handing out the current
-challenge: ``type(1) || reserved(3) || message_id(4) || index(1) || reserved(3) || nonce(12) ||
-AES-256-GCM(K_retry(S), nonce, challenge(32), aad = header(12) || nonce(12) || mac1 of that fragment)``
-(72 bytes) with ``K_retry(S) = SHA-384("qgate v2 retry" || public key of the sender S)[:32]``.
+A **Retry** datagram (type 0x02) answers a full-size first fragment whose mac2 fails, handing out
+the current challenge: ``type(1) || reserved(3) || receiver_index(4) || message_id(4) || index(1) ||
+reserved(3) || nonce(12) || AES-256-GCM(K_retry(S), nonce, challenge(32), aad = header(16) ||
+nonce(12) || mac1 of that fragment)`` (76 bytes; ``receiver_index`` is the steering hint of
+``wire.py``) with ``K_retry(S) = SHA-384("qgate v2 retry" || public key of the sender S)[:32]``.
 
 Sans-I/O: bytes, ``now`` (monotonic seconds) and randomness in; nothing here touches a socket.
 """
@@ -46,10 +51,11 @@ from qgate.errors import AuthenticationError
 
 LABEL_MAC1: Final = b"qgate v2 mac1"
 LABEL_MAC2: Final = b"qgate v2 mac2"
+LABEL_MAC2_SESSION: Final = b"qgate v2 mac2 session"
 LABEL_RETRY: Final = b"qgate v2 retry"
 
-_RETRY_HEAD: Final = struct.Struct("!B3xIB3x")
-"""Retry header before the nonce: type, reserved, message_id, index, reserved (12 bytes)."""
+_RETRY_HEAD: Final = struct.Struct("!B3xIIB3x")
+"""Retry header before the nonce: type, reserved, receiver_index, message_id, index, reserved (16 bytes)."""
 _NO_MAC: Final = bytes(FRAGMENT_MAC_SIZE)
 
 
@@ -73,7 +79,15 @@ def _mac2(challenge: bytes, body: bytes | memoryview) -> bytes:
     return h.digest()[:FRAGMENT_MAC_SIZE]
 
 
-def add_macs(fragment: bytes, *, peer_mac1_key: bytes, peer_challenge: bytes | None) -> bytes:
+def _session_mac2(key: bytes, body: bytes | memoryview) -> bytes:
+    h = hmac.new(key, LABEL_MAC2_SESSION, hashlib.sha384)
+    h.update(body)
+    return h.digest()[:FRAGMENT_MAC_SIZE]
+
+
+def add_macs(
+    fragment: bytes, *, peer_mac1_key: bytes, peer_challenge: bytes | None, session_key: bytes | None = None
+) -> bytes:
     """Return ``fragment || mac1 || mac2`` for sending to the peer.
 
     Args:
@@ -81,9 +95,14 @@ def add_macs(fragment: bytes, *, peer_mac1_key: bytes, peer_challenge: bytes | N
         peer_mac1_key: ``mac1_key`` of the peer's public key (the receiver's).
         peer_challenge: the peer's latest challenge (32 bytes), or None when none is known yet:
             mac2 is then 16 zero bytes and the peer answers M1/M2/Kick with a Retry.
+        session_key: ``keyschedule.session_mac2_key`` of a usable epoch (32 bytes): a session mac2
+            instead of the challenge's.
     """
     with_mac1 = fragment + _mac1(peer_mac1_key, fragment)
-    mac2 = _mac2(peer_challenge, with_mac1) if peer_challenge is not None else _NO_MAC
+    if session_key is not None:
+        mac2 = _session_mac2(session_key, with_mac1)
+    else:
+        mac2 = _mac2(peer_challenge, with_mac1) if peer_challenge is not None else _NO_MAC
     return with_mac1 + mac2
 
 
@@ -97,16 +116,26 @@ def mac1_ok(datagram: bytes, my_mac1_key: bytes) -> bool:
     return hmac.compare_digest(want, datagram[body_end : body_end + FRAGMENT_MAC_SIZE])
 
 
-def mac2_ok(datagram: bytes, challenges: list[bytes]) -> bool:
-    """Whether a fragment datagram's mac2 was made with one of this receiver's ``challenges``."""
+def _mac2_matches(datagram: bytes, keys: list[bytes], mac: Callable[[bytes, memoryview], bytes]) -> bool:
+    """Whether mac2 equals ``mac(key, datagram[..mac2])`` for any key; every key is tried (no timing hint)."""
     if len(datagram) <= FRAGMENT_TRAILER_SIZE:
         return False
-    view = memoryview(datagram)
+    view = memoryview(datagram)[:-FRAGMENT_MAC_SIZE]
     got = datagram[-FRAGMENT_MAC_SIZE:]
     ok = False
-    for challenge in challenges:  # all of them, so the time does not tell which one matched
-        ok |= hmac.compare_digest(_mac2(challenge, view[:-FRAGMENT_MAC_SIZE]), got)
+    for key in keys:
+        ok |= hmac.compare_digest(mac(key, view), got)
     return ok
+
+
+def mac2_ok(datagram: bytes, challenges: list[bytes]) -> bool:
+    """Whether a fragment datagram's mac2 was made with one of this receiver's ``challenges``."""
+    return _mac2_matches(datagram, challenges, _mac2)
+
+
+def session_mac2_ok(datagram: bytes, session_keys: list[bytes]) -> bool:
+    """Whether a fragment datagram's mac2 is a session mac2 under one of ``session_keys`` (32 bytes each)."""
+    return _mac2_matches(datagram, session_keys, _session_mac2)
 
 
 def fragment_mac1(datagram: bytes) -> bytes:
@@ -121,18 +150,26 @@ def strip_macs(datagram: bytes) -> bytes:
 
 
 def seal_retry(
-    *, message_id: int, index: int, answered_mac1: bytes, challenge: bytes, my_retry_key: bytes, nonce: bytes
+    *,
+    message_id: int,
+    index: int,
+    answered_mac1: bytes,
+    challenge: bytes,
+    my_retry_key: bytes,
+    nonce: bytes,
+    receiver_index: int = 0,
 ) -> bytes:
-    """Return a Retry datagram (72 bytes) handing ``challenge`` to the sender of one fragment.
+    """Return a Retry datagram (76 bytes) handing ``challenge`` to the sender of one fragment.
 
     Args:
         message_id, index: the answered fragment's message_id (u32) and index (u8).
+        receiver_index: the steering hint (a live index of the fragment's sender, or 0).
         answered_mac1: that fragment's mac1 (16 bytes): the Retry opens only for its sender.
         challenge: this side's current challenge (32 bytes).
         my_retry_key: ``retry_key`` of this side's own public key.
         nonce: 12 fresh random bytes.
     """
-    head = _RETRY_HEAD.pack(MSG_RETRY, message_id, index) + nonce
+    head = _RETRY_HEAD.pack(MSG_RETRY, receiver_index, message_id, index) + nonce
     return head + aes256gcm_seal(my_retry_key, nonce, head + answered_mac1, challenge)
 
 
@@ -140,7 +177,7 @@ def parse_retry_head(datagram: bytes) -> tuple[int, int] | None:
     """Return ``(message_id, index)`` of a well-formed Retry datagram, or None."""
     if len(datagram) != RETRY_SIZE or datagram[0] != MSG_RETRY:
         return None
-    _, message_id, index = _RETRY_HEAD.unpack_from(datagram)
+    _, _, message_id, index = _RETRY_HEAD.unpack_from(datagram)
     return message_id, index
 
 
@@ -148,7 +185,7 @@ def open_retry(datagram: bytes, *, sent_mac1: bytes, peer_retry_key: bytes) -> b
     """Return the challenge (32 bytes) in a Retry answering a fragment this side sent with ``sent_mac1``.
 
     Raises:
-        AuthenticationError: the Retry is not 72 bytes or was not made by the peer for that fragment.
+        AuthenticationError: the Retry is not 76 bytes or was not made by the peer for that fragment.
     """
     if len(datagram) != RETRY_SIZE:
         raise AuthenticationError("Retry of the wrong size")
@@ -216,11 +253,15 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self._tokens, self._at = burst, now
 
-    def take(self, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens if there are enough; return whether it did."""
+    def available(self, now: float) -> float:
+        """Return the tokens there are at ``now``."""
         self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
         self._at = now
-        if self._tokens < cost:
+        return self._tokens
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are enough; return whether it did."""
+        if self.available(now) < cost:
             return False
         self._tokens -= cost
         return True
@@ -235,7 +276,7 @@ class SentMacs:
 
     def note(self, datagram: bytes) -> None:
         """Remember a fragment datagram just sent (with its trailer)."""
-        message_id = int.from_bytes(datagram[4:8], "big")
+        message_id = int.from_bytes(datagram[8:12], "big")
         self._macs[(message_id, datagram[2])] = fragment_mac1(datagram)
         while len(self._macs) > self._limit:
             self._macs.popitem(last=False)
@@ -257,18 +298,25 @@ class SentMacs:
 
 
 class AnsweredIds:
-    """message_ids this side already sent a Retry for (bounded): one Retry per message at most."""
+    """message_ids this side sent a Retry for, and when (bounded): a message draws one per ``gap`` seconds.
 
-    def __init__(self, limit: int = 64) -> None:
-        self._limit = limit
-        self._ids: OrderedDict[int, None] = OrderedDict()
+    So a lost Retry is drawn again by the sender's next retransmission (HS-RT, same message_id, so
+    reassembly still combines fragments of several transmissions), while a replayed fragment never
+    draws more than one Retry per ``gap``.
+    """
 
-    def __contains__(self, message_id: object) -> bool:
-        """Whether a Retry was already sent for ``message_id``."""
-        return message_id in self._ids
+    def __init__(self, limit: int = 64, gap: float = 0.5) -> None:
+        self._limit, self._gap = limit, gap
+        self._ids: OrderedDict[int, float] = OrderedDict()
 
-    def add(self, message_id: int) -> None:
-        """Record that a Retry was sent for ``message_id`` (the oldest is forgotten past the limit)."""
-        self._ids[message_id] = None
+    def recent(self, message_id: int, now: float) -> bool:
+        """Whether a Retry was sent for ``message_id`` less than ``gap`` seconds before ``now``."""
+        at = self._ids.get(message_id)
+        return at is not None and now - at < self._gap
+
+    def add(self, message_id: int, now: float) -> None:
+        """Record a Retry sent for ``message_id`` at ``now`` (the oldest is forgotten past the limit)."""
+        self._ids.pop(message_id, None)
+        self._ids[message_id] = now
         while len(self._ids) > self._limit:
             self._ids.popitem(last=False)

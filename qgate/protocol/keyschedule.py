@@ -47,6 +47,7 @@ INFO_HANDSHAKE: Final = b"qgate v2 handshake"
 INFO_ANCHOR_ID: Final = b"qgate v2 anchor id"
 INFO_RATCHET: Final = b"qgate v2 ratchet"
 INFO_RATCHET_AUTH: Final = b"qgate v2 ratchet auth"
+INFO_SESSION_MAC2: Final = b"qgate v2 session mac2"
 SIG_M1: Final = b"qgate v2 M1 signature"
 SIG_M2: Final = b"qgate v2 M2 signature"
 SIG_KICK: Final = b"qgate v2 kick signature"
@@ -147,6 +148,14 @@ def anchor_id(chaining_key: Secret) -> bytes:
 def ratchet_auth_key(chaining_key: Secret) -> Secret:
     """Return the 32-byte key that authenticates R1 under chaining key ``ck_n`` (label KS-RA)."""
     return Secret(hkdf_expand("sha384", chaining_key, info=INFO_RATCHET_AUTH, length=AEAD_KEY_SIZE))
+
+
+def session_mac2_key(chaining_key: Secret) -> bytes:
+    """Return the 32-byte key of a session mac2 under chaining key ``ck_n`` (label KS-SM, guard.py).
+
+    A handshake fragment whose mac2 verifies under it comes from the holder of epoch n's keys.
+    """
+    return hkdf_expand("sha384", chaining_key, info=INFO_SESSION_MAC2, length=AEAD_KEY_SIZE)
 
 
 def ratchet_keys(chaining_key: Secret, qkd_key: Secret, *, epoch: int, request_hash: bytes) -> EpochKeys:

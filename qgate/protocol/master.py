@@ -13,7 +13,9 @@ from qgate.constants import (
     AEAD_PACKET_SOFT_LIMIT,
     HANDSHAKE_RETRY,
     HANDSHAKE_TIMEOUT,
+    KICK_HANDSHAKE_MAX_INTERVAL,
     KICK_HANDSHAKE_MIN_INTERVAL,
+    KICK_INTERVAL,
 )
 from qgate.errors import AuthenticationError, RemoteProtocolError
 from qgate.protocol import keyschedule as ks
@@ -103,7 +105,7 @@ class MasterSteps(PeerCore):
         if self.config.role == "master" and (self._pending is None or self._pending.kind == "rk"):
             self._begin(now, "hs")
 
-    def _send_m1(self, p: Pending, now: float) -> None:
+    def _send_m1(self, p: Pending, now: float, *, session: bool = True) -> None:
         """Step HS-1: M1 = ephemeral ek, X25519 value, QKD key_IDs, the slave's challenge; signed.
 
         Called again when a Retry brings a newer challenge: same keys and key_IDs, new echo.
@@ -134,7 +136,7 @@ class MasterSteps(PeerCore):
         signed = replace(m1, signature=self._identity.sign(ks.SIG_M1 + m1.signed_part()))
         p.m1 = signed.encode()
         p.m1_sent = [*p.m1_sent[-(M1_VARIANTS - 1) :], p.m1]
-        p.message_id, p.fragments = self._send_message(InitHello.TYPE, p.m1)
+        p.message_id, p.fragments = self._send_message(InitHello.TYPE, p.m1, session=session)
         p.last_sent = now
         self._event("handshake_sent", epoch=p.epoch, key_ids=",".join(p.key_ids))
 
@@ -148,7 +150,7 @@ class MasterSteps(PeerCore):
         p.keys = ks.ratchet_keys(
             base.chaining_key, p.qkd_key, epoch=p.epoch, request_hash=ks.transcript_hash(r1.mac_part())
         )
-        p.message_id, p.fragments = self._send_message(RatchetRequest.TYPE, r1.encode())
+        p.message_id, p.fragments = self._send_message(RatchetRequest.TYPE, r1.encode(), base.peer_index)
         p.last_sent = now
 
     def _on_m2(self, m2: RespHello, now: float) -> None:
@@ -254,8 +256,8 @@ class MasterSteps(PeerCore):
         self._note_mode(epoch)
         self._pending = None
         self._next_ratchet_at = now + self.interval
-        self._remember_answer(answer_to, msg_type, body)
-        self._send_message(msg_type, body)
+        self._remember_answer(answer_to, msg_type, body, epoch.peer_index)
+        self._send_message(msg_type, body, epoch.peer_index)  # M3/R3 name the slave's new index
         keepalive = self.epochs.seal(b"", now)  # a second, independent signal to switch (as WireGuard)
         if keepalive is not None:
             self._actions.append(SendDatagram(keepalive))
@@ -278,22 +280,23 @@ class MasterSteps(PeerCore):
         self._challenges.consume(kick.echo)
         self._peer_challenge = kick.challenge
         self._event("kick_received", reason_code=kick.reason)
-        if (
-            self._kick_handshake_at is not None
-            and now - self._kick_handshake_at < KICK_HANDSHAKE_MIN_INTERVAL
-        ):
+        if self._kick_handshake_at is not None and now - self._kick_handshake_at < self._kick_gap:
+            self.stats.kicks_ignored += 1
+            return
+        if kick.reason == KICK_NO_SESSION and self._slave_evidently_has_a_session(now):
+            # A stolen slave key must not buy a KEM handshake and a QKD key every few seconds.
             self.stats.kicks_ignored += 1
             return
         pending = self._pending
         if kick.reason == KICK_QKD_UNAVAILABLE and pending is not None and pending.key_ids:
-            self._kick_handshake_at = now
+            self._kick_driven(now, grow=False)  # a failing slave KME: recover as soon as it is back
             self._pending = None  # its key_ID is dead at the slave: a fresh key, never the dead one again
             self.stats.handshake_failures += 1
             self._event("qkd_keys_unused", key_ids=",".join(pending.key_ids))
             self._begin(now, pending.kind if self.epochs.current is not None else "hs")
             return
         if kick.reason == KICK_NO_SESSION and (pending is None or pending.kind == "rk"):
-            self._kick_handshake_at = now
+            self._kick_driven(now)
             self.start_handshake(now)
             return
         if (
@@ -303,13 +306,35 @@ class MasterSteps(PeerCore):
         ):
             # The slave still has no session although our M1 went out more than once: it cannot take
             # that M1 (e.g. its dec_keys failed for those key_IDs). A fresh handshake, fresh key.
-            self._kick_handshake_at = now
+            self._kick_driven(now)
             self._pending = None
             self.stats.handshake_failures += 1
             self._event("handshake_abandoned", reason="the slave still asks for a session")
             self._begin(now, "hs")
             return
         self.stats.kicks_ignored += 1
+
+    def _slave_evidently_has_a_session(self, now: float) -> bool:
+        """Whether a record from the slave opened within KICK_INTERVAL (it Kicks at most that often).
+
+        Then a "no session" Kick is not the slave's word: the slave's records show its session.
+        """
+        return self._last_record_at is not None and now - self._last_record_at < KICK_INTERVAL
+
+    def _kick_driven(self, now: float, *, grow: bool = True) -> None:
+        """Note a Kick-driven exchange: the next waits ``_kick_gap`` (doubling while Kicks keep coming).
+
+        The gap starts at KICK_HANDSHAKE_MIN_INTERVAL and doubles, up to KICK_HANDSHAKE_MAX_INTERVAL,
+        for each "no session" Kick-driven handshake within two gaps of the previous one (a slave
+        that keeps asking although each handshake completes, e.g. an impostor with its stolen key
+        on an idle link); a quiet spell resets it. ``grow`` False (a dead key_ID) keeps the gap.
+        """
+        last = self._kick_handshake_at
+        if grow and last is not None and now - last < 2 * self._kick_gap:
+            self._kick_gap = min(2 * self._kick_gap, KICK_HANDSHAKE_MAX_INTERVAL)
+        elif grow:
+            self._kick_gap = KICK_HANDSHAKE_MIN_INTERVAL
+        self._kick_handshake_at = now
 
     def _counters_near_limit(self, current: Epoch) -> bool:
         """Whether either direction of ``current`` reached the soft packet limit (RFC 9001 s6.6).

@@ -24,6 +24,7 @@ from qgate.constants import (
     HANDSHAKE_RETRY,
     KICK_INTERVAL,
     MSG_RETRY,
+    REASSEMBLY_SLOTS,
 )
 from qgate.crypto.secret import Secret
 from qgate.errors import AuthenticationError, CryptoError, ProtocolError, RemoteProtocolError
@@ -63,6 +64,7 @@ from qgate.protocol.messages import (
 from qgate.protocol.slave import SlaveSteps
 from qgate.protocol.wire import (
     MULTI_FRAGMENT_TYPES,
+    Fragment,
     parse_fragment,
 )
 
@@ -242,8 +244,8 @@ class Peer(MasterSteps, SlaveSteps):
             if datagram[:1] == bytes([MSG_RETRY]):
                 self._on_retry(datagram, now)
                 return
-            if _looks_like_v1(datagram):
-                self.stats.malformed_messages += 1
+            if _looks_like_v1(datagram) and not guard.mac1_ok(datagram, self._my_mac1):
+                self.stats.malformed_messages += 1  # (a v2 fragment passes mac1: never taken for v1)
                 if now >= self._next_mac1_report:
                     self._next_mac1_report = now + STALE_REPORT_INTERVAL
                     self._event("unauth_protocol_v1", reason=V1_HINT)
@@ -255,22 +257,42 @@ class Peer(MasterSteps, SlaveSteps):
                     self._next_mac1_report = now + STALE_REPORT_INTERVAL
                     self._event("unauth_mac1", reason=MAC1_HINT)
                 return
-            if frag.msg_type in MULTI_FRAGMENT_TYPES and not guard.mac2_ok(datagram, self._challenges.all()):
-                self.stats.drops_mac2 += 1
-                self._send_retry(frag, datagram, now)
-                return
+            session = False
+            if frag.msg_type in MULTI_FRAGMENT_TYPES:
+                session = guard.session_mac2_ok(datagram, self._receiving_session_keys(now))
+                if not session and not guard.mac2_ok(datagram, self._challenges.all()):
+                    self.stats.drops_mac2 += 1
+                    self._send_retry(frag, datagram, now)
+                    return
+                session = self._all_under_session(frag, session)
             done = self._reassembler.add(frag, now)
             if done is None:
                 return
             self._last_fragment = (frag, datagram)
+            self._session_fragments.pop(frag.message_id, None)
             msg_type, body = done
-            self._dispatch(parse_message(msg_type, body), body, now)
+            self._session_request = session
+            try:
+                self._dispatch(parse_message(msg_type, body), body, now)
+            finally:
+                self._session_request = False
         except AuthenticationError as exc:
             self.stats.auth_failures += 1
             self._event("authentication_failed", reason=str(exc))
         except (ProtocolError, CryptoError) as exc:
             self.stats.malformed_messages += 1
             self._event("bad_handshake_message", reason=str(exc))
+
+    def _all_under_session(self, frag: Fragment, session: bool) -> bool:
+        """Whether every fragment of ``frag``'s message so far came under a session mac2."""
+        if frag.count == 1:
+            return session
+        flags = self._session_fragments
+        ok = flags.pop(frag.message_id, True) and session
+        flags[frag.message_id] = ok
+        while len(flags) > 2 * REASSEMBLY_SLOTS:
+            flags.popitem(last=False)
+        return ok
 
     def _on_retry(self, datagram: bytes, now: float) -> None:
         """Step G-4: a Retry for a fragment this side sent: take the challenge, resend the message."""
@@ -289,9 +311,12 @@ class Peer(MasterSteps, SlaveSteps):
         body = self._sent_bodies.pop(message_id, None)
         p = self._pending
         if p is not None and p.kind == "hs" and p.message_id == message_id:
-            if fresh and now >= self._next_rebuild_at:  # on-path forgeries cannot make us sign in a loop
+            if now >= self._next_rebuild_at:  # on-path forgeries cannot make us sign in a loop
                 self._next_rebuild_at = now + FORCED_KICK_GAP
-                self._send_m1(p, now)  # re-signed with the new echo, same keys and key_IDs
+                if fresh:
+                    self._send_m1(p, now, session=False)  # re-signed with the new echo, same keys
+                else:  # the same echo, under the challenge's mac2 (the peer may lack our session)
+                    self._transmit(p.fragments, session=False)
         elif self._kick_ids and message_id == self._kick_ids[-1] and self._kick_still_wanted(now):
             self._kick_ids.clear()
             self._next_forced_kick = now + FORCED_KICK_GAP
@@ -299,9 +324,9 @@ class Peer(MasterSteps, SlaveSteps):
         elif self._may_resend_answer(body):
             assert body is not None
             self._resent_answers.append(body[1])
-            self._send_message(*body)  # our current answer (M2), whose mac2 the master could not check
+            self._send_message(*body, session=False)  # our current M2, whose mac2 the master could not check
 
-    def _may_resend_answer(self, body: tuple[int, bytes] | None) -> bool:
+    def _may_resend_answer(self, body: tuple[int, bytes, int | None] | None) -> bool:
         """Whether a Retry may have ``body`` resent: our current M2, once (forged Retries cannot amplify)."""
         return (
             body is not None
@@ -375,6 +400,7 @@ class Peer(MasterSteps, SlaveSteps):
                 self.send_kick(now)  # rate-limited to one per KICK_INTERVAL
             return None
         plaintext, epoch = opened
+        self._last_record_at = now
         if epoch is self.epochs.next:
             self._promote(now)
         elif (

@@ -63,7 +63,7 @@ class SlaveSteps(PeerCore):
         )
         kick = replace(kick, signature=self._identity.sign(ks.SIG_KICK + kick.signed_part()))
         self.stats.kicks_sent += 1
-        message_id, _ = self._send_message(Kick.TYPE, kick.encode())
+        message_id, _ = self._send_message(Kick.TYPE, kick.encode(), session=not force)
         self._kick_ids.append(message_id)
 
     def _on_m1(self, m1: InitHello, body: bytes, now: float) -> None:
@@ -235,8 +235,8 @@ class SlaveSteps(PeerCore):
 
     def _install_slave(self, epoch: Epoch, answer_to: bytes, msg_type: int, body: bytes) -> None:
         self.epochs.install_next(epoch)
-        self._remember_answer(answer_to, msg_type, body)
-        self._send_message(msg_type, body)
+        self._remember_answer(answer_to, msg_type, body, epoch.peer_index)
+        self._send_message(msg_type, body, epoch.peer_index)  # M2/R2 name the master's pending index
 
     def _on_confirm(self, msg: InitConfirm | RatchetConfirm, now: float) -> None:
         """Steps HS-4 / RK-4: the master's confirmation; start sending on the new epoch."""

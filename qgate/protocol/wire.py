@@ -4,11 +4,16 @@ Every qgate UDP datagram starts with a type byte:
 
 * ``0x04`` data: ``type(1) || reserved(3)=0 || receiver_index(4) || counter(8)`` (16 bytes, the
   AES-GCM associated data) followed by ``ciphertext || tag(16)``. An empty plaintext is a keepalive.
-* ``0x01`` handshake fragment: ``type(1) || msg_type(1) || index(1) || count(1) || message_id(4)``
-  followed by at most 1152 bytes of the message and ``mac1(16) || mac2(16)`` (``guard.py``), so no
-  fragment needs IP fragmentation (1192 bytes: it fits the IPv6 minimum MTU of 1280 bytes with
-  IPv6 and UDP headers, RFC 8200 section 5).
-* ``0x02`` Retry: 72 bytes handing out the responder's challenge (``guard.py``).
+* ``0x01`` handshake fragment: ``type(1) || msg_type(1) || index(1) || count(1) ||
+  receiver_index(4) || message_id(4)`` followed by at most 1152 bytes of the message and
+  ``mac1(16) || mac2(16)`` (``guard.py``), so no fragment needs IP fragmentation (1196 bytes: it
+  fits the IPv6 minimum MTU of 1280 bytes with IPv6 and UDP headers, RFC 8200 section 5).
+  ``receiver_index`` is a *steering hint* at the same offset as a data record's: the index of a
+  live epoch (or of the pending exchange) the receiver holds, or 0. The kernel filter sends
+  fragments naming a live index to the data socket (``qgate.dataplane.sockfilter``), so an
+  established session's handshakes never queue behind a flood; nothing else trusts it.
+* ``0x02`` Retry: 76 bytes handing out the responder's challenge, with the same steering hint
+  (``guard.py``).
 
 Sans-I/O: bytes and ``now`` in, bytes out.
 """
@@ -41,7 +46,8 @@ _DATA_HEADER: Final = struct.Struct("!IIQ")
 """The data header as ``(type << 24 | reserved, receiver_index, counter)`` (protocol.md 2.1)."""
 _DATA_WORD0: Final = MSG_DATA << 24
 """First 32-bit word of every valid data header: type 0x04, reserved bytes zero."""
-_FRAGMENT_HEADER: Final = struct.Struct("!BBBBI")
+_FRAGMENT_HEADER: Final = struct.Struct("!BBBBII")
+"""type, msg_type, index, count, receiver_index (steering hint), message_id (12 bytes)."""
 _MESSAGE_TYPES: Final = range(1, 8)
 SINGLE_FRAGMENT_TYPES: Final = frozenset({3, 4, 5, 6})
 """Message types that always fit one fragment (M3, R1, R2, R3): they never use a reassembly slot."""
@@ -80,7 +86,7 @@ def parse_data_header(datagram: bytes) -> tuple[int, int]:
     return fields
 
 
-def fragment_message(msg_type: int, message: bytes, message_id: int) -> list[bytes]:
+def fragment_message(msg_type: int, message: bytes, message_id: int, receiver_index: int = 0) -> list[bytes]:
     """Split one handshake message into fragments (header || payload, without the mac trailer).
 
     ``guard.add_macs`` appends ``mac1 || mac2`` to each before it is sent.
@@ -89,6 +95,7 @@ def fragment_message(msg_type: int, message: bytes, message_id: int) -> list[byt
         msg_type: message type (1-7, ``qgate.protocol.messages``).
         message: the encoded message, 1 .. 16 x 1152 bytes.
         message_id: u32 chosen by the sender, the same for every fragment of this message.
+        receiver_index: u32 steering hint (a live index of the receiver's, or 0), in every fragment.
 
     Raises:
         LocalProtocolError: the message is empty or needs more than 16 fragments.
@@ -98,7 +105,7 @@ def fragment_message(msg_type: int, message: bytes, message_id: int) -> list[byt
         raise LocalProtocolError(f"handshake message of {len(message)} bytes cannot be fragmented")
     count = len(chunks)
     return [
-        _FRAGMENT_HEADER.pack(MSG_HANDSHAKE_FRAGMENT, msg_type, i, count, message_id) + chunk
+        _FRAGMENT_HEADER.pack(MSG_HANDSHAKE_FRAGMENT, msg_type, i, count, receiver_index, message_id) + chunk
         for i, chunk in enumerate(chunks)
     ]
 
@@ -112,6 +119,7 @@ class Fragment:
     count: int
     message_id: int
     payload: bytes
+    receiver_index: int = 0
 
 
 def parse_fragment(datagram: bytes) -> Fragment:
@@ -125,7 +133,7 @@ def parse_fragment(datagram: bytes) -> Fragment:
     """
     if len(datagram) <= FRAGMENT_HEADER_SIZE + FRAGMENT_TRAILER_SIZE or datagram[0] != MSG_HANDSHAKE_FRAGMENT:
         raise RemoteProtocolError("not a handshake fragment")
-    _, msg_type, index, count, message_id = _FRAGMENT_HEADER.unpack_from(datagram)
+    _, msg_type, index, count, receiver_index, message_id = _FRAGMENT_HEADER.unpack_from(datagram)
     payload = datagram[FRAGMENT_HEADER_SIZE:-FRAGMENT_TRAILER_SIZE]
     if msg_type not in _MESSAGE_TYPES:
         raise RemoteProtocolError(f"unknown handshake message type {msg_type}")
@@ -135,7 +143,7 @@ def parse_fragment(datagram: bytes) -> Fragment:
         raise RemoteProtocolError(f"message type {msg_type} is always a single fragment")
     if len(payload) > FRAGMENT_PAYLOAD_MAX or (index < count - 1 and len(payload) != FRAGMENT_PAYLOAD_MAX):
         raise RemoteProtocolError("fragment payload of the wrong size")
-    return Fragment(msg_type, index, count, message_id, payload)
+    return Fragment(msg_type, index, count, message_id, payload, receiver_index)
 
 
 def classify_datagram(datagram: bytes) -> str | None:
@@ -213,3 +221,8 @@ class Reassembler:
 def new_message_id(rng: Callable[[int], bytes]) -> int:
     """Return a random u32 message id for ``fragment_message``."""
     return int.from_bytes(rng(4), "big")
+
+
+def steering_index(datagram: bytes | memoryview) -> int:
+    """Return the u32 at bytes 4..7: a data record's receiver_index, a fragment's or Retry's steering hint."""
+    return int.from_bytes(datagram[4:8], "big") if len(datagram) >= 8 else 0

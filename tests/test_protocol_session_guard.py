@@ -1,0 +1,188 @@
+"""Attacks the session mac2, the steering hint and the Kick rules stop (issue 10, review findings).
+
+In memory with an explicit clock, as ``test_protocol_attacks``: each attacked run is compared with
+the same run without the attack.
+
+* an on-path attacker that reads the slave's challenge and floods M1s echoing it: they pass mac2
+  and draw on the signature budget, but the master's own M1 comes under a session mac2 and never
+  waits for that budget, so its ML-KEM rekeys go on;
+* an impostor holding the slave's stolen identity key: its "no session" Kicks buy no handshake
+  while the real slave's records arrive, and on an idle link they back off;
+* an off-path flood of first fragments with zero mac2 at a cold start: each draws a Retry, and so
+  does the real master's, so the first handshake is not delayed;
+* every message of an established session names a live index of its receiver (kernel steering).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from test_protocol_attacks import (
+    ATTACKER,
+    RATE,
+    SECONDS,
+    STEP,
+    _baseline,
+    _counting_verifies,
+    _impostor,
+    _pair,
+    _run,
+)
+from test_protocol_peers import IDENT_S, Pair
+
+from qgate.constants import EXPENSIVE_BURST, EXPENSIVE_RATE, FRAGMENT_PAYLOAD_MAX, KICK_HANDSHAKE_MAX_INTERVAL
+from qgate.crypto.secret import Secret
+from qgate.protocol import guard
+from qgate.protocol.peer import FetchEncKeys, Peer, SendDatagram
+from qgate.protocol.wire import MULTI_FRAGMENT_TYPES, classify_datagram, parse_fragment, steering_index
+
+
+def _forged_m1_echoing(challenge: bytes) -> list[bytes]:
+    """One M1 from an impostor master (another identity key) that echoes ``challenge``: passes mac2."""
+    impostor = _impostor("master", identity=ATTACKER)
+    impostor._peer_challenge = challenge
+    impostor.start_handshake(0.0)
+    for action in impostor.take_actions():
+        if isinstance(action, FetchEncKeys):
+            keys = [(f"forged-{random.getrandbits(64):x}", Secret(os.urandom(32)))]
+            impostor.keys_fetched(action.request_id, keys, 0.0)
+    return [a.data for a in impostor.take_actions() if isinstance(a, SendDatagram)]
+
+
+def test_an_on_path_flood_of_m1s_echoing_the_fresh_challenge_cannot_starve_the_masters_kem_rekeys() -> None:
+    base = _baseline(SECONDS)
+    cache: dict[bytes, list[bytes]] = {}
+
+    def flood(pair: Pair) -> None:  # reads the slave's challenge off the wire, as an on-path observer can
+        challenge = pair.slave._challenges.current
+        if challenge not in cache:
+            cache[challenge] = _forged_m1_echoing(challenge)
+        frags = cache[challenge]
+        for i in range(int(RATE * STEP)):
+            pair.slave.receive_fragment(frags[i % len(frags)], pair.now)
+
+    with _counting_verifies() as verifies:
+        pair = _pair()
+        pair.run(0.3)
+        sent, delivered = _run(pair, SECONDS, flood)
+    assert delivered == sent
+    assert pair.slave.stats.drops_budget > 0, "the flood did reach the signature budget"
+    assert pair.master.stats.rekeys_kem == base.master.stats.rekeys_kem, "a KEM rekey was starved"
+    assert pair.slave.stats.session_requests >= base.master.stats.rekeys_kem
+    assert pair.kme.enc_keys == base.kme.enc_keys
+    # Verifies at the slave: the budget's, and the real M1s (free under the session mac2); the
+    # master's M2 checks and the baseline's own are on top.
+    budget = EXPENSIVE_BURST + EXPENSIVE_RATE * (SECONDS + 0.3)
+    assert verifies[0] <= budget + 3 * (base.master.stats.handshakes + 2)
+
+
+def _stolen_key_kicks(pair: Pair, impostor: Peer) -> None:
+    """The impostor (the slave's stolen key, on the path: it reads the master's challenge) Kicks."""
+    impostor._peer_challenge = pair.master._challenges.current
+    impostor._next_kick_at = 0.0
+    impostor.send_kick(pair.now)  # reason 0: "no session"
+    for action in impostor.take_actions():
+        if isinstance(action, SendDatagram):
+            pair.master.receive_fragment(action.data, pair.now)
+
+
+def test_a_stolen_slave_key_buys_no_kem_handshake_while_the_real_slaves_records_arrive() -> None:
+    base = _baseline(SECONDS)
+    impostor = _impostor("slave", identity=IDENT_S)
+    pair = _pair()
+    pair.run(0.3)
+    assert pair.send_both_ways(b"first") == (b"first", b"first")  # the real slave's records flow
+    sent, delivered = _run(pair, SECONDS, lambda p: _stolen_key_kicks(p, impostor))
+    assert delivered == sent
+    assert pair.master.stats.kicks_ignored >= SECONDS / STEP * 0.9
+    assert pair.master.stats.rekeys_kem == base.master.stats.rekeys_kem
+    assert pair.kme.enc_keys == base.kme.enc_keys
+
+
+def test_on_an_idle_link_stolen_key_kicks_back_off_to_one_handshake_per_max_interval() -> None:
+    impostor = _impostor("slave", identity=IDENT_S)
+    pair = Pair(interval=10.0, kem_interval=120.0, max_key_age=60.0)
+    pair.run(0.3)
+    before = pair.master.stats.handshakes
+    seconds = 60.0
+    for _ in range(round(seconds / 0.5)):  # no traffic: no record shows the real slave's session
+        _stolen_key_kicks(pair, impostor)
+        pair.run(0.5)
+    forced = pair.master.stats.handshakes - before
+    assert forced <= seconds / KICK_HANDSHAKE_MAX_INTERVAL + 3  # 2 + 4 + 8 + 8 + ... s apart
+    assert pair.master.stats.kicks_ignored > 0
+    assert pair.send_both_ways(b"still up") == (b"still up", b"still up")
+
+
+def _zero_mac2_first_fragments(count: int) -> list[bytes]:
+    """Full-size first fragments of M1s from an off-path impostor that knows no challenge (mac2 zero)."""
+    impostor = _impostor("master", identity=ATTACKER)
+    out: list[bytes] = []
+    while len(out) < count:
+        out += [d for d in _forged_m1_echoing(b"\x00" * 32)[:1]]
+        impostor._pending = None
+    return out
+
+
+def test_a_cold_start_under_an_off_path_zero_mac2_flood_is_not_delayed() -> None:
+    firsts = _zero_mac2_first_fragments(32)
+    assert all(len(parse_fragment(d).payload) == FRAGMENT_PAYLOAD_MAX for d in firsts)
+    clean = _pair()
+    clean.run(0.3)
+    clean_at = _established_after(clean, lambda p: None)
+    pair = _pair()
+    ids = iter(range(1, 1 << 30))
+
+    def flood(p: Pair) -> None:  # new message_ids: each could draw its own Retry
+        for i in range(int(5 * RATE * 0.05)):
+            d = bytearray(firsts[i % len(firsts)])
+            d[8:12] = next(ids).to_bytes(4, "big")  # (mac1 then fails: recompute like an attacker)
+            p.slave.receive_fragment(_remac(bytes(d)), p.now)
+
+    at = _established_after(pair, flood)
+    assert at <= clean_at + 1.0, f"first handshake after {at:.2f} s under the flood ({clean_at:.2f} s clean)"
+    assert pair.slave.stats.retries_sent >= 250  # every flooded first fragment drew its Retry
+
+
+def _remac(datagram: bytes) -> bytes:
+    body = guard.strip_macs(datagram)
+    return guard.add_macs(
+        body, peer_mac1_key=guard.mac1_key(IDENT_S.public_key().public_bytes()), peer_challenge=None
+    )
+
+
+def _established_after(pair: Pair, flood: object) -> float:
+    start = pair.now
+    while not (pair.master.established and pair.slave.established):
+        assert callable(flood)
+        flood(pair)
+        pair.run(0.05)
+        assert pair.now - start < 20.0, "no session after 20 s"
+    return pair.now - start
+
+
+def test_every_message_of_an_established_session_names_a_live_index_of_its_receiver() -> None:
+    pair = Pair(interval=1.0, kem_interval=3.0, max_key_age=10.0)
+    pair.run(0.3)
+    kinds: set[int] = set()
+    for receiver in (pair.master, pair.slave):
+        original = receiver.receive_fragment
+
+        def checked(
+            datagram: bytes, now: float, receiver: Peer = receiver, original: object = original
+        ) -> None:
+            kind = parse_fragment(datagram).msg_type if classify_datagram(datagram) == "handshake" else 0
+            kinds.add(kind)
+            assert steering_index(datagram) in receiver.live_indexes(), (
+                f"message type {kind} names no live index"
+            )
+            assert callable(original)
+            original(datagram, now)
+
+        receiver.receive_fragment = checked  # type: ignore[method-assign]
+    for _ in range(80):
+        pair.run(0.1)
+        assert pair.send_both_ways(b"x") == (b"x", b"x")
+    assert MULTI_FRAGMENT_TYPES & kinds >= {1, 2}, "an ML-KEM handshake ran, its M1 and M2 steered"
+    assert {3, 4, 5, 6} <= kinds, "a ratchet ran"
