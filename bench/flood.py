@@ -28,8 +28,8 @@ Kinds (``--kinds``, comma-separated; ``none`` always runs, first; rates are data
                       to both gateways
 
 Forged messages come from the real engine (``qgate.protocol.peer.Peer``, configured from the
-lab policy), so they follow whatever wire format the code has; their timestamps lead the clock by
-``--seconds`` + 10 s, so a freshness check alone does not stop them.
+lab policy), so they follow whatever wire format the code has: they pass mac1 (the attacker knows
+both public keys) but, off the path, echo no challenge and carry no valid mac2.
 
 Per kind (JSON key ``kinds.<kind>``): ``sent``, ``rate_pps`` (achieved), ``pool`` (distinct
 datagrams cycled), ``window_s``, ``ping_sent``, ``ping_received``, ``ping_loss_pct``,
@@ -39,10 +39,10 @@ dec_keys in the window, from its KME's log), ``qkd_keys_master_taken`` (keys the
 its stock or KME, from its stats, over a window a second or two longer), per gateway ``a``/``b``:
 ``cpu_s`` (utime + stime of the gateway process), ``audit_bytes``, ``audit_records``,
 ``audit_events``, ``mode_changes``, ``degraded`` (mode changes to degraded/closed), ``counters``
-(auth_failures, malformed_messages, drops_*, rx_*, ... deltas), ``counters_other`` (further
-drop/defence counters that moved), ``kernel`` (UDP datagrams in, socket-buffer drops, tap
-drops), and ``recovered`` (the tunnel answered before the window), ``skipped`` (why nothing was
-sent, e.g. no Kick captured). ``idle``: the baseline ping fields.
+(auth_failures, malformed_messages, drops_* (mac1, mac2, budget, ...), rx_*, retries_sent, ...
+deltas), ``counters_other`` (further drop/defence counters that moved), ``kernel`` (UDP
+datagrams in, socket-buffer drops, tap drops), and ``recovered`` (the tunnel answered before the
+window), ``skipped`` (why nothing was sent, e.g. no Kick captured). ``idle``: the baseline ping fields.
 
 Checks per kind (``checks.<kind>``; issue 10): ``keys_master`` and ``keys_slave``: QKD keys used
 equal the ``none`` window's (scaled to the window length) within 1; ``ping_no_loss``;
@@ -73,7 +73,7 @@ from qgate.lab_flood import KINDS, FloodOptions, run_flood_bench
 
 COLUMNS = (
     ("kind", 18), ("sent", 8), ("pps", 8), ("loss%", 6), ("p50ms", 6), ("p99ms", 7), ("keysM", 5),
-    ("keysS", 5), ("cpuA", 5), ("cpuB", 5), ("auditA", 7), ("auditB", 7), ("authA", 6), ("authB", 6),
+    ("keysS", 5), ("cpuA", 5), ("cpuB", 5), ("auditA", 7), ("auditB", 7), ("macA", 7), ("macB", 7),
     ("malfA", 6), ("malfB", 6), ("hsM", 4), ("modes", 5), ("checks", 0),
 )  # fmt: skip
 
@@ -87,6 +87,12 @@ def _site(row: dict[str, object], key: str, site: str, sub: str | None = None) -
     return value
 
 
+def _macs(row: dict[str, object], site: str) -> object:
+    """drops_mac1 + drops_mac2 of one gateway in the window (None when unknown)."""
+    values = [_site(row, "counters", site, k) for k in ("drops_mac1", "drops_mac2")]
+    return sum(v for v in values if isinstance(v, int)) if any(isinstance(v, int) for v in values) else None
+
+
 def _row(kind: str, row: dict[str, object], checks: dict[str, bool]) -> list[object]:
     failed = [name for name, ok in checks.items() if not ok]
     modes = row.get("mode_changes")
@@ -95,7 +101,7 @@ def _row(kind: str, row: dict[str, object], checks: dict[str, bool]) -> list[obj
         row.get("rtt_p99_ms"), row.get("qkd_keys_master"), row.get("qkd_keys_slave"),
         _site(row, "cpu_s", "a"), _site(row, "cpu_s", "b"),
         _site(row, "audit_bytes", "a"), _site(row, "audit_bytes", "b"),
-        _site(row, "counters", "a", "auth_failures"), _site(row, "counters", "b", "auth_failures"),
+        _macs(row, "a"), _macs(row, "b"),
         _site(row, "counters", "a", "malformed_messages"), _site(row, "counters", "b", "malformed_messages"),
         _site(row, "counters", "a", "handshakes"),
         sum(modes.values()) if isinstance(modes, dict) else None,
@@ -130,7 +136,8 @@ def table(result: dict[str, object]) -> str:
         "  keysM/keysS: QKD keys used by master/slave; cpuA/B: gateway CPU s; auditA/B: audit bytes written;"
     )
     lines.append(
-        "  authA/B, malfA/B: auth_failures, malformed_messages; hsM: full handshakes the master made;"
+        "  macA/B: fragments dropped at mac1/mac2 (user space); malfA/B: malformed_messages;"
+        " hsM: full handshakes the master made;"
         " modes: mode changes, both gateways"
     )
     return "\n".join(lines)

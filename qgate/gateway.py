@@ -42,7 +42,7 @@ from qgate.kms.etsi014 import QkdKey, Status
 from qgate.metrics import MetricsServer, start_metrics_server, status_from_loop
 from qgate.netconfig import NetHandle, configure_tun
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
-from qgate.privileges import check_file_safety, drop_privileges
+from qgate.privileges import check_file_safety, drop_privileges, foreign_owner
 from qgate.protocol.guard import TokenBucket
 from qgate.protocol.peer import (
     Action,
@@ -255,6 +255,13 @@ class Gateway:
                 refused.append(
                     f"{path} ({where}) is readable or usable by group/others (mode {mode:04o});"
                     f" chmod 600 {path}"
+                )
+                continue
+            owner = foreign_owner(path, user) if secret else None
+            if owner is not None:
+                refused.append(
+                    f"{path} ({where}) is owned by uid {owner}, not root or the run user;"
+                    f" chown it to root (or the --user account)"
                 )
                 continue
             for warning in check_file_safety(path, secret=secret, run_user=user):

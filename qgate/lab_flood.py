@@ -88,7 +88,8 @@ COUNTERS: Final = (
     "auth_failures", "malformed_messages", "handshake_failures", "handshakes", "rekeys_qkd", "rekeys_kem",
     "kicks_sent", "degraded_handshakes", "mode_changes", "drops_auth", "drops_replay", "drops_unknown_index",
     "drops_malformed", "drops_no_session", "rx_unknown_index", "rx_unknown_source", "rx_not_qgate",
-    "qkd_served_from_stock", "qkd_stock_misses", "audit_failures",
+    "qkd_served_from_stock", "qkd_stock_misses", "audit_failures", "drops_mac1", "drops_mac2",
+    "drops_budget", "retries_sent", "session_requests", "kicks_ignored",
 )  # fmt: skip
 """Gateway stats counters reported per window (deltas; 0 when a gateway does not have one)."""
 OTHER_WORDS: Final = ("drop", "fail", "error", "retr", "reject", "mac", "bad", "unknown", "malformed",

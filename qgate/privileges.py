@@ -435,6 +435,20 @@ def unsafe_secret_mode(path: Path) -> int | None:
     return mode if mode & _SECRET_FORBIDDEN_BITS else None
 
 
+def foreign_owner(path: Path, run_user: str | int | None) -> int | None:
+    """Return the owner uid of ``path`` when it is neither root nor ``run_user``, else None.
+
+    The ownership rule of :func:`check_file_safety`; ``qgate up`` refuses a secret that fails it
+    (its owner could read or replace it). None also when ``path`` cannot be stat'ed.
+    """
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return None
+    owners = {0, _uid_of(run_user)} if run_user is not None else {0}
+    return None if uid in owners else uid
+
+
 def check_file_safety(path: Path, *, secret: bool, run_user: str | int | None = None) -> list[str]:
     """Return warnings about who besides the owner could read, replace or own ``path``.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,16 @@ def test_a_ppk_others_can_read_is_refused_like_a_key(site: Path) -> None:
     ppk.chmod(0o644)
     with pytest.raises(ConfigError, match=r"\(peers\[0\]\.ppk\.file\) is readable or usable by group/others"):
         Gateway(load_policy(with_ppk(site, ppk)), control_socket=site.parent / "ctl.sock")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_a_secret_owned_by_another_user_is_refused_as_qgate_check_reports_it(site: Path) -> None:
+    identity = site.parent / "keys" / "site-a.key"
+    os.chown(identity, 54321, 54321)  # mode 0600, but that user can read and replace it
+    with pytest.raises(ConfigError) as info:
+        Gateway(load_policy(site), control_socket=site.parent / "ctl.sock")
+    message = str(info.value)
+    assert f"{identity} (gateway.identity) is owned by uid 54321" in message and "chown" in message
 
 
 # ----- files others could replace: warn only ----------------------------------------------------
