@@ -186,3 +186,31 @@ def test_every_message_of_an_established_session_names_a_live_index_of_its_recei
         assert pair.send_both_ways(b"x") == (b"x", b"x")
     assert MULTI_FRAGMENT_TYPES & kinds >= {1, 2}, "an ML-KEM handshake ran, its M1 and M2 steered"
     assert {3, 4, 5, 6} <= kinds, "a ratchet ran"
+
+
+def test_an_on_path_fragment_injected_into_a_session_m1_neither_joins_nor_corrupts_it() -> None:
+    base = _baseline(SECONDS)
+    pair = _pair()
+    pair.run(0.3)
+    original = pair.slave.receive_fragment
+    injected = [0]
+
+    def receive(datagram: bytes, now: float) -> None:
+        if classify_datagram(datagram) == "handshake" and datagram[1] == 1 and datagram[2] == 1:
+            body = bytearray(guard.strip_macs(datagram))
+            body[20] ^= 0xFF  # same message_id and index, other bytes, under the challenge's mac2
+            forged = guard.add_macs(
+                bytes(body),
+                peer_mac1_key=guard.mac1_key(IDENT_S.public_key().public_bytes()),
+                peer_challenge=pair.slave._challenges.current,
+            )
+            injected[0] += 1
+            original(forged, now)
+        original(datagram, now)
+
+    pair.slave.receive_fragment = receive  # type: ignore[method-assign]
+    sent, delivered = _run(pair, SECONDS)
+    assert injected[0] > 0 and delivered == sent
+    assert pair.master.stats.rekeys_kem == base.master.stats.rekeys_kem
+    assert pair.slave.stats.session_requests == base.slave.stats.session_requests
+    assert pair.slave.stats.auth_failures == 0

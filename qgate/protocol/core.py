@@ -169,6 +169,7 @@ class PeerCore:
         self.stats = ControlStats()
         self._actions: list[Action] = []
         self._reassembler = Reassembler()
+        self._session_reassembler = Reassembler()  # fragments under a session mac2 only
         self._request_ids = 0
         self._pending: Pending | None = None
         self._fetch_backoff = 0.0
@@ -200,7 +201,6 @@ class PeerCore:
         self._answered: OrderedDict[bytes, tuple[int, bytes, int | None]] = OrderedDict()
         self._sm2_keys: dict[tuple[int, int], bytes] = {}  # (my_index, number) -> K_sm
         self._session_request = False  # the message being handled came under a session mac2
-        self._session_fragments: OrderedDict[int, bool] = OrderedDict()  # by message_id
         self._last_record_at: float | None = None  # a record from the peer last opened
 
     def take_actions(self) -> list[Action]:

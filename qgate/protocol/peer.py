@@ -24,7 +24,6 @@ from qgate.constants import (
     HANDSHAKE_RETRY,
     KICK_INTERVAL,
     MSG_RETRY,
-    REASSEMBLY_SLOTS,
 )
 from qgate.crypto.secret import Secret
 from qgate.errors import AuthenticationError, CryptoError, ProtocolError, RemoteProtocolError
@@ -64,7 +63,6 @@ from qgate.protocol.messages import (
 from qgate.protocol.slave import SlaveSteps
 from qgate.protocol.wire import (
     MULTI_FRAGMENT_TYPES,
-    Fragment,
     parse_fragment,
 )
 
@@ -264,12 +262,12 @@ class Peer(MasterSteps, SlaveSteps):
                     self.stats.drops_mac2 += 1
                     self._send_retry(frag, datagram, now)
                     return
-                session = self._all_under_session(frag, session)
-            done = self._reassembler.add(frag, now)
+            # Fragments under a session mac2 are reassembled apart, so no fragment an on-path attacker
+            # injects under the challenge's mac2 can join (or corrupt) a session request.
+            done = (self._session_reassembler if session else self._reassembler).add(frag, now)
             if done is None:
                 return
             self._last_fragment = (frag, datagram)
-            self._session_fragments.pop(frag.message_id, None)
             msg_type, body = done
             self._session_request = session
             try:
@@ -282,17 +280,6 @@ class Peer(MasterSteps, SlaveSteps):
         except (ProtocolError, CryptoError) as exc:
             self.stats.malformed_messages += 1
             self._event("bad_handshake_message", reason=str(exc))
-
-    def _all_under_session(self, frag: Fragment, session: bool) -> bool:
-        """Whether every fragment of ``frag``'s message so far came under a session mac2."""
-        if frag.count == 1:
-            return session
-        flags = self._session_fragments
-        ok = flags.pop(frag.message_id, True) and session
-        flags[frag.message_id] = ok
-        while len(flags) > 2 * REASSEMBLY_SLOTS:
-            flags.popitem(last=False)
-        return ok
 
     def _on_retry(self, datagram: bytes, now: float) -> None:
         """Step G-4: a Retry for a fragment this side sent: take the challenge, resend the message."""
