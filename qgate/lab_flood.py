@@ -99,7 +99,8 @@ _GATEWAY_PORT: Final = setup.GATEWAY_PORT
 _WAN: Final = {"a": net.GW_A_WAN, "b": net.GW_B_WAN}
 _PEER: Final = {"a": "b", "b": "a"}
 _PING_TIME: Final = re.compile(r"packets transmitted, .* time (\d+)ms")
-_FRAG_HEAD: Final = struct.Struct("!BBBBI")
+_FRAG_HEAD: Final = struct.Struct("!BBBBII")
+"""Fragment header (wire.py): type, msg_type, index, count, steering hint, message_id."""
 _POOL_MAGIC: Final = b"QGFLOOD1"
 _ETH_P_IP: Final = 0x0800
 _BATCH: Final = 64
@@ -188,7 +189,8 @@ def garbage(count: int) -> list[tuple[str, bytes]]:
 def fragment_junk(count: int) -> list[tuple[str, bytes]]:
     """Handshake-fragment headers that pass the framing checks, random payload, to both gateways.
 
-    ``type 0x01 || msg_type 1-7 || index || count || message_id`` (``index < count <= 16``); a
+    ``type 0x01 || msg_type 1-7 || index || count || hint || message_id`` (``index < count <= 16``,
+    a random steering hint: an off-path sender knows no live index); a
     fragment that is not the last of its message has the full payload size, as the format wants.
     """
     from qgate import constants
@@ -201,7 +203,12 @@ def fragment_junk(count: int) -> list[tuple[str, bytes]]:
         index = random.randrange(total)
         size = FRAGMENT_PAYLOAD_MAX if index < total - 1 else random.randint(1, FRAGMENT_PAYLOAD_MAX)
         head = _FRAG_HEAD.pack(
-            MSG_HANDSHAKE_FRAGMENT, random.randint(1, 7), index, total, random.getrandbits(32)
+            MSG_HANDSHAKE_FRAGMENT,
+            random.randint(1, 7),
+            index,
+            total,
+            random.getrandbits(32),
+            random.getrandbits(32),
         )
         out.append(("ab"[i % 2], head + os.urandom(size + trailer)))
     return out
@@ -299,7 +306,7 @@ def captured_messages(pcap: Path, src: str, dst: str, msg_type: int) -> list[lis
         udp = udp_of(ip) if ip is not None else None
         if udp is None or (udp.src, udp.dst) != (src, dst) or len(udp.payload) < _FRAG_HEAD.size:
             continue
-        kind, mtype, index, total, message_id = _FRAG_HEAD.unpack_from(udp.payload)
+        kind, mtype, index, total, _, message_id = _FRAG_HEAD.unpack_from(udp.payload)
         if kind == MSG_HANDSHAKE_FRAGMENT and mtype == msg_type and index < total:
             parts.setdefault(message_id, {})[index] = udp.payload
             counts[message_id] = total

@@ -222,9 +222,10 @@ def test_forged_messages_come_from_the_engine_and_fail_verification(tmp_path: Pa
 
 
 def test_captured_messages_groups_fragments(tmp_path: Path) -> None:
-    frags = [bytes([1, 1, i, 3]) + (77).to_bytes(4, "big") + bytes([i]) * 20 for i in range(3)]
-    other = bytes([1, 7, 0, 1]) + (5).to_bytes(4, "big") + b"k" * 20
-    partial = bytes([1, 1, 0, 2]) + (9).to_bytes(4, "big") + b"p" * 20
+    hint = (0x0A0B0C0D).to_bytes(4, "big")  # the same steering hint on every message: ids group them
+    frags = [bytes([1, 1, i, 3]) + hint + (77).to_bytes(4, "big") + bytes([i]) * 20 for i in range(3)]
+    other = bytes([1, 7, 0, 1]) + hint + (5).to_bytes(4, "big") + b"k" * 20
+    partial = bytes([1, 1, 0, 2]) + hint + (9).to_bytes(4, "big") + b"p" * 20
     frames = spoofed_frames(
         TAPS, [("b", f) for f in [frags[2], other, frags[0], partial, frags[1], frags[0]]]
     )

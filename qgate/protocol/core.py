@@ -24,6 +24,7 @@ from qgate.constants import (
     RETRY_NONCE_SIZE,
     RETRY_RATE,
 )
+from qgate.crypto.aead import RecordKey
 from qgate.crypto.identity import PeerPublicKey
 from qgate.crypto.kem import KemDecapsulationKey
 from qgate.crypto.secret import Secret
@@ -156,7 +157,8 @@ class PeerCore:
         self._rng = rng
         mine, theirs = identity.public_key().public_bytes(), peer_key.public_bytes()
         self._my_mac1, self._peer_mac1 = guard.mac1_key(mine), guard.mac1_key(theirs)
-        self._my_retry, self._peer_retry = guard.retry_key(mine), guard.retry_key(theirs)
+        self._my_retry = RecordKey(Secret(guard.retry_key(mine)))  # AES-GCM context built once
+        self._peer_retry = guard.retry_key(theirs)
         self._challenges = guard.ChallengeBook(rng)
         self._peer_challenge: bytes | None = None
         self._expensive = guard.TokenBucket(EXPENSIVE_RATE, EXPENSIVE_BURST, now)

@@ -46,7 +46,7 @@ from qgate.constants import (
     RETRY_NONCE_SIZE,
     RETRY_SIZE,
 )
-from qgate.crypto.aead import aes256gcm_open, aes256gcm_seal
+from qgate.crypto.aead import RecordKey, aes256gcm_open, aes256gcm_seal
 from qgate.errors import AuthenticationError
 
 LABEL_MAC1: Final = b"qgate v2 mac1"
@@ -70,19 +70,15 @@ def retry_key(public_key: bytes) -> bytes:
 
 
 def _mac1(key: bytes, body: bytes | memoryview) -> bytes:
-    return hmac.new(key, body, hashlib.sha384).digest()[:FRAGMENT_MAC_SIZE]
+    return hmac.digest(key, body, "sha384")[:FRAGMENT_MAC_SIZE]  # one-shot C path (no HMAC object)
 
 
 def _mac2(challenge: bytes, body: bytes | memoryview) -> bytes:
-    h = hmac.new(challenge, LABEL_MAC2, hashlib.sha384)
-    h.update(body)
-    return h.digest()[:FRAGMENT_MAC_SIZE]
+    return hmac.digest(challenge, LABEL_MAC2 + body, "sha384")[:FRAGMENT_MAC_SIZE]
 
 
 def _session_mac2(key: bytes, body: bytes | memoryview) -> bytes:
-    h = hmac.new(key, LABEL_MAC2_SESSION, hashlib.sha384)
-    h.update(body)
-    return h.digest()[:FRAGMENT_MAC_SIZE]
+    return hmac.digest(key, LABEL_MAC2_SESSION + body, "sha384")[:FRAGMENT_MAC_SIZE]
 
 
 def add_macs(
@@ -155,7 +151,7 @@ def seal_retry(
     index: int,
     answered_mac1: bytes,
     challenge: bytes,
-    my_retry_key: bytes,
+    my_retry_key: bytes | RecordKey,
     nonce: bytes,
     receiver_index: int = 0,
 ) -> bytes:
@@ -166,10 +162,12 @@ def seal_retry(
         receiver_index: the steering hint (a live index of the fragment's sender, or 0).
         answered_mac1: that fragment's mac1 (16 bytes): the Retry opens only for its sender.
         challenge: this side's current challenge (32 bytes).
-        my_retry_key: ``retry_key`` of this side's own public key.
+        my_retry_key: ``retry_key`` of this side's own public key (or its ``RecordKey``, built once).
         nonce: 12 fresh random bytes.
     """
     head = _RETRY_HEAD.pack(MSG_RETRY, receiver_index, message_id, index) + nonce
+    if isinstance(my_retry_key, RecordKey):
+        return head + my_retry_key.seal_nonce(nonce, head + answered_mac1, challenge)
     return head + aes256gcm_seal(my_retry_key, nonce, head + answered_mac1, challenge)
 
 
