@@ -74,7 +74,8 @@ from qgate.lab_flood import KINDS, FloodOptions, run_flood_bench
 COLUMNS = (
     ("kind", 18), ("sent", 8), ("pps", 8), ("loss%", 6), ("p50ms", 6), ("p99ms", 7), ("keysM", 5),
     ("keysS", 5), ("cpuA", 5), ("cpuB", 5), ("auditA", 7), ("auditB", 7), ("macA", 7), ("macB", 7),
-    ("malfA", 6), ("malfB", 6), ("hsM", 4), ("modes", 5), ("checks", 0),
+    ("kdropA", 8), ("kdropB", 8), ("rtyA", 5), ("rtyB", 5), ("malfA", 6),
+    ("malfB", 6), ("hsM", 4), ("modes", 5), ("checks", 0),
 )  # fmt: skip
 
 
@@ -102,6 +103,8 @@ def _row(kind: str, row: dict[str, object], checks: dict[str, bool]) -> list[obj
         _site(row, "cpu_s", "a"), _site(row, "cpu_s", "b"),
         _site(row, "audit_bytes", "a"), _site(row, "audit_bytes", "b"),
         _macs(row, "a"), _macs(row, "b"),
+        _site(row, "kernel", "a", "udp_rcvbuf_errors"), _site(row, "kernel", "b", "udp_rcvbuf_errors"),
+        _site(row, "counters", "a", "retries_sent"), _site(row, "counters", "b", "retries_sent"),
         _site(row, "counters", "a", "malformed_messages"), _site(row, "counters", "b", "malformed_messages"),
         _site(row, "counters", "a", "handshakes"),
         sum(modes.values()) if isinstance(modes, dict) else None,
@@ -136,7 +139,8 @@ def table(result: dict[str, object]) -> str:
         "  keysM/keysS: QKD keys used by master/slave; cpuA/B: gateway CPU s; auditA/B: audit bytes written;"
     )
     lines.append(
-        "  macA/B: fragments dropped at mac1/mac2 (user space); malfA/B: malformed_messages;"
+        "  macA/B: fragments dropped at mac1/mac2 (user space); kdropA/B: datagrams the kernel dropped"
+        " (socket buffer full: the paced control socket); rtyA/B: Retries sent; malfA/B: malformed_messages;"
         " hsM: full handshakes the master made;"
         " modes: mode changes, both gateways"
     )
@@ -171,7 +175,10 @@ def _parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=20.0, help="window per kind, s (default 20; acceptance 60)"
     )
     parser.add_argument(
-        "--rate", type=_rate, default=1000.0, help="attacker datagrams/s, both targets together, or 'max'"
+        "--rate",
+        type=_rate,
+        default=1000.0,
+        help="attacker datagrams/s, both targets together, or 'max' (default 1000)",
     )
     parser.add_argument("--idle-seconds", type=float, default=5.0, help="idle ping baseline, s (default 5)")
     parser.add_argument("--settle", type=float, default=3.0, help="pause before each window, s (default 3)")

@@ -132,26 +132,29 @@ class FailureAggregator:
         self.max_kinds = max_kinds
         self._windows: dict[str, _Window] = {}
 
-    def add(self, peer: str, kind: str, reason: str, now: float) -> None:
-        """Count one failure.
+    def add(self, peer: str, kind: str, reason: str, now: float, count: int = 1) -> None:
+        """Count ``count`` failures of one kind and reason.
 
         Args:
             peer: the peer's policy name (or where the datagram came from).
             kind: the event kind ("authentication_failed", "bad_handshake_message", "unauth_...").
             reason: the failure's reason text; only its category (``reason_category``) is kept.
             now: monotonic seconds.
+            count: failures this call stands for (>= 1; the engine reports cheap drops such as mac1
+                and mac2 failures once per interval with their number); less than 1 counts as 1.
         """
+        count = max(1, count)
         window = self._window(_safe_name(peer), now)
         kind = _safe_name(kind)
         if kind not in window.kinds and len(window.kinds) >= self.max_kinds:
             kind = OTHER
         tally = window.kinds.setdefault(kind, _Tally())
         category = reason_category(reason)
-        tally.count += 1
+        tally.count += count
         tally.last_reason = category
         if category not in tally.reasons and len(tally.reasons) >= self.max_reasons:
             category = OTHER
-        tally.reasons[category] = tally.reasons.get(category, 0) + 1
+        tally.reasons[category] = tally.reasons.get(category, 0) + count
 
     def _window(self, peer: str, now: float) -> _Window:
         if peer not in self._windows and len(self._windows) >= self.max_peers:

@@ -513,7 +513,8 @@ class Gateway:
                 self._log_event(action)  # rate-limited there
             peer = str(action.detail.get("peer", link.policy.name))
             reason = str(action.detail.get("reason", ""))
-            self._failures.add(peer, action.kind, reason, time.monotonic())
+            count = action.detail.get("count", 1)
+            self._failures.add(peer, action.kind, reason, time.monotonic(), int(count))
         elif isinstance(action, PeerEvent):
             self._log_event(action)
             if action.kind in AUDITED_EVENTS:

@@ -141,3 +141,11 @@ def test_bad_settings_are_refused() -> None:
     for kwargs in ({"interval": 0.0}, {"interval": float("nan")}, {"max_reasons": 0}):
         with pytest.raises(ValueError):
             FailureAggregator(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_report_that_stands_for_many_drops_counts_them_all() -> None:
+    agg = FailureAggregator(interval=10.0)
+    agg.add("site-b", "unauth_mac2", "fails mac2: a spoofed flood", 0.0, count=4000)
+    agg.add("site-b", "unauth_mac2", "fails mac2: a spoofed flood", 5.0, count=0)  # counts as one
+    [summary] = agg.due(10.0)
+    assert summary["count"] == 4001 and summary["reasons"] == "fails mac2=4001"

@@ -34,8 +34,11 @@ from test_protocol_peers import IDENT_S, Pair
 from qgate.constants import EXPENSIVE_BURST, EXPENSIVE_RATE, FRAGMENT_PAYLOAD_MAX, KICK_HANDSHAKE_MAX_INTERVAL
 from qgate.crypto.secret import Secret
 from qgate.protocol import guard
+from qgate.protocol.messages import InitHello
 from qgate.protocol.peer import FetchEncKeys, Peer, SendDatagram
 from qgate.protocol.wire import MULTI_FRAGMENT_TYPES, classify_datagram, parse_fragment, steering_index
+
+M1_TYPE = InitHello.TYPE
 
 
 def _forged_m1_echoing(challenge: bytes) -> list[bytes]:
@@ -214,3 +217,38 @@ def test_an_on_path_fragment_injected_into_a_session_m1_neither_joins_nor_corrup
     assert pair.master.stats.rekeys_kem == base.master.stats.rekeys_kem
     assert pair.slave.stats.session_requests == base.slave.stats.session_requests
     assert pair.slave.stats.auth_failures == 0
+
+
+def test_a_spoofed_mac2_flood_is_reported_once_per_interval_with_its_count() -> None:
+    firsts = _zero_mac2_first_fragments(8)
+    pair = _pair()
+    pair.run(0.3)
+    ids = iter(range(1, 1 << 30))
+    start = len(pair.events)
+    for _ in range(200):  # 20 s, 50 zero-mac2 first fragments per 0.1 s
+        for i in range(50):
+            d = bytearray(firsts[i % len(firsts)])
+            d[8:12] = next(ids).to_bytes(4, "big")
+            pair.slave.receive_fragment(_remac(bytes(d)), pair.now)
+        pair.run(0.1)
+    reports = [e for e in pair.events[start:] if e.kind == "unauth_mac2"]
+    assert 4 <= len(reports) <= 5  # one per STALE_REPORT_INTERVAL (5 s), not one per datagram
+    counted = sum(int(e.detail["count"]) for e in reports)
+    assert 10_000 - 50 * 50 <= counted <= pair.slave.stats.drops_mac2  # the last interval's tail may wait
+    assert all("count" in e.detail and isinstance(e.detail["reason"], str) for e in reports)
+    assert pair.send_both_ways(b"still up") == (b"still up", b"still up")
+
+
+def test_a_master_that_starts_before_the_slave_listens_completes_on_the_slaves_first_kick() -> None:
+    pair = _pair()
+
+    def lost(d: bytes) -> bool:  # the master's first M1 goes out before the slave's gateway is up
+        is_m1 = classify_datagram(d) == "handshake" and parse_fragment(d).msg_type == M1_TYPE
+        return pair.now < 0.2 and is_m1
+
+    pair.loss = lost
+    pair.run(5.0)
+    assert pair.master.established
+    assert pair.master.stats.handshake_failures == 0  # the first M1 is re-signed for the slave's challenge
+    assert pair.kme.enc_keys == pair.master.stats.handshakes + pair.master.stats.rekeys_qkd  # none wasted
+    assert pair.slave.stats.stale_challenges <= 1

@@ -90,11 +90,11 @@ def check(policy_file: Path, as_json: bool) -> None:
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
     required=True,
-    help="Private key file (the public key goes to the same name with .pub).",
+    help="Private key file; the public key goes beside it with the suffix .pub (site-a.key: site-a.pub).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def keygen(alg: str, out: Path, force: bool) -> None:
-    """Write a new gateway identity (FIPS 204 ML-DSA): OUT (private, mode 0600) and OUT.pub."""
+    """Write a new gateway identity (FIPS 204 ML-DSA): OUT (private, mode 0600) and its .pub beside it."""
     from qgate.keyfiles import write_identity
 
     try:

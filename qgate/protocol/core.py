@@ -103,6 +103,7 @@ class Pending:
     key_ids: tuple[str, ...] = ()
     m1: bytes = b""
     m1_sent: list[bytes] = field(default_factory=list)  # every signed variant (a Retry re-signs)
+    m1_echo: bytes = b""  # the slave's challenge the newest M1 echoes
     dk: KemDecapsulationKey | None = None
     x25519: X25519KeyPair | None = None
     qkd_key: Secret | None = None
@@ -193,6 +194,9 @@ class PeerCore:
         self._next_probe_at = now
         self._next_stale_report = now
         self._next_mac1_report = now
+        self._next_mac2_report = now
+        self._mac1_reported = 0  # drops_mac1 / drops_mac2 already counted in an unauth_* event
+        self._mac2_reported = 0
         self._anchors: deque[tuple[bytes, Secret]] = deque(maxlen=ANCHORS_KEPT)
         self._last_fragment: tuple[Fragment, bytes] | None = None
         self.mode: Literal["hybrid", "degraded", "closed"] | None = None

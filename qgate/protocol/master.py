@@ -23,7 +23,7 @@ from qgate.protocol.actions import (
     FetchEncKeys,
     SendDatagram,
 )
-from qgate.protocol.core import PeerCore, Pending
+from qgate.protocol.core import FORCED_KICK_GAP, PeerCore, Pending
 from qgate.protocol.epoch import Epoch
 from qgate.protocol.messages import (
     KEM_IDS,
@@ -134,7 +134,7 @@ class MasterSteps(PeerCore):
             key_ids=p.key_ids,
         )
         signed = replace(m1, signature=self._identity.sign(ks.SIG_M1 + m1.signed_part()))
-        p.m1 = signed.encode()
+        p.m1, p.m1_echo = signed.encode(), m1.echo
         p.m1_sent = [*p.m1_sent[-(M1_VARIANTS - 1) :], p.m1]
         p.message_id, p.fragments = self._send_message(InitHello.TYPE, p.m1, session=session)
         p.last_sent = now
@@ -280,6 +280,20 @@ class MasterSteps(PeerCore):
         self._challenges.consume(kick.echo)
         self._peer_challenge = kick.challenge
         self._event("kick_received", reason_code=kick.reason)
+        pending = self._pending
+        if (
+            kick.reason == KICK_NO_SESSION
+            and pending is not None
+            and pending.kind == "hs"
+            and pending.m1
+            and pending.m1_echo != kick.challenge
+            and now >= self._next_rebuild_at
+        ):
+            # HS-K1: our M1 echoes no challenge the slave holds (it left before the slave ran, or before
+            # this challenge): re-signed with this echo, same keys and key_IDs; the slave never took them.
+            self._next_rebuild_at = now + FORCED_KICK_GAP
+            self._send_m1(pending, now, session=False)
+            return
         if self._kick_handshake_at is not None and now - self._kick_handshake_at < self._kick_gap:
             self.stats.kicks_ignored += 1
             return
@@ -287,7 +301,6 @@ class MasterSteps(PeerCore):
             # A stolen slave key must not buy a KEM handshake and a QKD key every few seconds.
             self.stats.kicks_ignored += 1
             return
-        pending = self._pending
         if kick.reason == KICK_QKD_UNAVAILABLE and pending is not None and pending.key_ids:
             self._kick_driven(now, grow=False)  # a failing slave KME: recover as soon as it is back
             self._pending = None  # its key_ID is dead at the slave: a fresh key, never the dead one again

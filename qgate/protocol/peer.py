@@ -71,6 +71,15 @@ MAC1_HINT = (
     " for this gateway (compare fingerprints with qgate check)"
 )
 
+MAC2_HINT = (
+    "handshake messages from the peer's address fail mac2 (no valid challenge echo or session key):"
+    " a spoofed flood, or a peer that lost its challenge (each one is answered by a Retry)"
+)
+"""Reason of ``unauth_mac2`` events (one per STALE_REPORT_INTERVAL with the drop count)."""
+MAC2_REPORT_MIN = 4
+"""mac2 drops not yet reported that make an ``unauth_mac2`` event. A clean start costs one or two
+(the master's first M1 carries no challenge yet and draws a Retry): that is no attack to report."""
+
 V1_HINT = (
     "the peer speaks qgate wire protocol version 1, this gateway version 2: upgrade both gateways of a"
     " link together"
@@ -253,13 +262,20 @@ class Peer(MasterSteps, SlaveSteps):
                 self.stats.drops_mac1 += 1
                 if now >= self._next_mac1_report:  # one event per interval: junk, or a key mismatch
                     self._next_mac1_report = now + STALE_REPORT_INTERVAL
-                    self._event("unauth_mac1", reason=MAC1_HINT)
+                    count = self.stats.drops_mac1 - self._mac1_reported
+                    self._mac1_reported = self.stats.drops_mac1
+                    self._event("unauth_mac1", reason=MAC1_HINT, count=count)
                 return
             session = False
             if frag.msg_type in MULTI_FRAGMENT_TYPES:
                 session = guard.session_mac2_ok(datagram, self._receiving_session_keys(now))
                 if not session and not guard.mac2_ok(datagram, self._challenges.all()):
                     self.stats.drops_mac2 += 1
+                    count = self.stats.drops_mac2 - self._mac2_reported
+                    if now >= self._next_mac2_report and count >= MAC2_REPORT_MIN:
+                        self._next_mac2_report = now + STALE_REPORT_INTERVAL  # one per interval
+                        self._mac2_reported = self.stats.drops_mac2
+                        self._event("unauth_mac2", reason=MAC2_HINT, count=count)
                     self._send_retry(frag, datagram, now)
                     return
             # Fragments under a session mac2 are reassembled apart, so no fragment an on-path attacker
@@ -293,11 +309,11 @@ class Peer(MasterSteps, SlaveSteps):
             return
         challenge = guard.open_retry(datagram, sent_mac1=sent, peer_retry_key=self._peer_retry)
         self.stats.retries_received += 1
-        fresh = challenge != self._peer_challenge
         self._peer_challenge = challenge
         body = self._sent_bodies.pop(message_id, None)
         p = self._pending
         if p is not None and p.kind == "hs" and p.message_id == message_id:
+            fresh = challenge != p.m1_echo  # (not "new to us": a Kick may have brought it already)
             if now >= self._next_rebuild_at:  # on-path forgeries cannot make us sign in a loop
                 self._next_rebuild_at = now + FORCED_KICK_GAP
                 if fresh:
