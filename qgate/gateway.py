@@ -431,7 +431,7 @@ class Gateway:
             return
         now = time.monotonic()
         limit = CONTROL_DATAGRAMS_PER_WAKE
-        paced = any(link.engine.established for link in self._peers)
+        paced = any(link.engine.has_session(now) for link in self._peers)  # (not after a key expired)
         if paced:
             limit = min(limit, int(self._control_budget.available(now)))
             if limit <= 0:

@@ -99,6 +99,7 @@ class Pair:
             now=0.0,
         )
         self.wire: list[bytes] = []
+        self.drop_to: Callable[[bytes, Peer], bool] = lambda d, receiver: False  # loss seen by receiver
 
     def pump(self) -> None:
         """Deliver actions until both sides are quiet."""
@@ -109,7 +110,7 @@ class Pair:
                     moved = True
                     if isinstance(action, SendDatagram):
                         self.wire.append(action.data)
-                        if self.loss(action.data):
+                        if self.loss(action.data) or self.drop_to(action.data, other):
                             continue
                         if classify_datagram(action.data) == "data":
                             other.open(action.data, self.now)

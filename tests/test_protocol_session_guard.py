@@ -29,7 +29,7 @@ from test_protocol_attacks import (
     _pair,
     _run,
 )
-from test_protocol_peers import IDENT_S, Pair
+from test_protocol_peers import IDENT_M, IDENT_S, Pair
 
 from qgate.constants import EXPENSIVE_BURST, EXPENSIVE_RATE, FRAGMENT_PAYLOAD_MAX, KICK_HANDSHAKE_MAX_INTERVAL
 from qgate.crypto.secret import Secret
@@ -252,3 +252,104 @@ def test_a_master_that_starts_before_the_slave_listens_completes_on_the_slaves_f
     assert pair.master.stats.handshake_failures == 0  # the first M1 is re-signed for the slave's challenge
     assert pair.kme.enc_keys == pair.master.stats.handshakes + pair.master.stats.rekeys_qkd  # none wasted
     assert pair.slave.stats.stale_challenges <= 1
+
+
+def _flooded_control_socket(flooded: Peer) -> object:
+    """A drop rule: ``flooded``'s control socket is full, so only steered datagrams reach it.
+
+    A record or fragment reaches the data socket (sockfilter.py) only with a live index at bytes 4..7.
+    """
+
+    def drop(datagram: bytes, receiver: Peer) -> bool:
+        return receiver is flooded and steering_index(datagram) not in flooded.live_indexes()
+
+    return drop
+
+
+def _restarted(peer: Peer, identity: object, peer_key: object, now: float) -> Peer:
+    return Peer(peer.config, identity=identity, peer_key=peer_key, rng=os.urandom, now=now)  # type: ignore[arg-type]
+
+
+def test_a_restarted_slave_gets_a_session_at_once_while_the_masters_control_socket_is_flooded() -> None:
+    pair = Pair(interval=1.0, kem_interval=30.0, max_key_age=60.0)  # the old key would last a minute
+    pair.run(0.3)
+    pair.slave = _restarted(pair.slave, IDENT_S, IDENT_M.public_key(), pair.now)
+    pair.drop_to = _flooded_control_socket(pair.master)  # type: ignore[assignment]
+    start = pair.now
+    for _ in range(100):
+        datagram = pair.master.seal(b"traffic to the restarted slave", pair.now)
+        assert datagram is not None
+        pair.slave.open(datagram, pair.now)  # unknown index: the slave learns its old one, and Kicks
+        pair.run(0.05)
+        if pair.slave.has_session(pair.now) and pair.send_both_ways(b"x") == (b"x", b"x"):
+            break
+    assert pair.now - start <= 2.5, f"restarted slave waited {pair.now - start:.2f} s"
+    assert pair.master.stats.handshake_failures == 0
+
+
+def test_a_restarted_master_gets_a_session_at_once_while_the_slaves_control_socket_is_flooded() -> None:
+    pair = Pair(interval=1.0, kem_interval=30.0, max_key_age=60.0)
+    pair.run(0.3)
+    pair.master = _restarted(pair.master, IDENT_M, IDENT_S.public_key(), pair.now)
+    pair.drop_to = _flooded_control_socket(pair.slave)  # type: ignore[assignment]
+    start = pair.now
+    for _ in range(100):
+        datagram = pair.slave.seal(b"traffic to the restarted master", pair.now)
+        assert datagram is not None
+        pair.master.open(datagram, pair.now)
+        pair.run(0.05)
+        if pair.master.has_session(pair.now) and pair.send_both_ways(b"x") == (b"x", b"x"):
+            break
+    assert pair.now - start <= 2.5, f"restarted master waited {pair.now - start:.2f} s"
+
+
+def test_every_retry_for_a_masters_m1_names_an_index_live_at_the_master() -> None:
+    pair = Pair(interval=1.0, kem_interval=2.0, max_key_age=3.0)
+    pair.run(0.3)
+    pair.slave = _restarted(pair.slave, IDENT_S, IDENT_M.public_key(), pair.now)  # no challenge of ours
+    seen: list[bool] = []
+
+    def record(datagram: bytes, receiver: Peer) -> bool:
+        if classify_datagram(datagram) == "retry" and receiver is pair.master:  # (answers its M1)
+            seen.append(steering_index(datagram) in receiver.live_indexes())
+        return False
+
+    pair.drop_to = record
+    pair.run(8.0)
+    assert seen and all(seen), seen
+    assert pair.send_both_ways(b"x") == (b"x", b"x")
+
+
+def test_a_replayed_r2_or_r1_draws_at_most_one_cached_answer_per_half_second() -> None:
+    from qgate.protocol.messages import RatchetRequest, RatchetResponse
+
+    pair = _pair()
+    pair.run(1.5)  # one ratchet step done
+    r1 = [d for d in pair.wire if classify_datagram(d) == "handshake" and d[1] == RatchetRequest.TYPE][-1:]
+    r2 = [d for d in pair.wire if classify_datagram(d) == "handshake" and d[1] == RatchetResponse.TYPE][-1:]
+    assert r1 and r2
+    pair.master.take_actions(), pair.slave.take_actions()
+    sent = {"master": 0, "slave": 0}
+    for _ in range(1000):  # 1000 replays of each in 0.1 s (on-path: they reach the data socket)
+        pair.master.receive_fragment(r2[0], pair.now)
+        pair.slave.receive_fragment(r1[0], pair.now)
+        sent["master"] += sum(isinstance(a, SendDatagram) for a in pair.master.take_actions())
+        sent["slave"] += sum(isinstance(a, SendDatagram) for a in pair.slave.take_actions())
+        pair.now += 0.0001
+    assert sent["master"] <= 1 and sent["slave"] <= 1, sent
+    assert pair.send_both_ways(b"still up") == (b"still up", b"still up")
+
+
+def test_spoofed_garbage_never_hides_the_local_reason_the_tunnel_is_down() -> None:
+    pair = _pair()
+    pair.kme.down = True  # the master's own KME: a local problem
+    pair.run(2.0)
+    state, why = pair.master.state(pair.now)
+    assert state == "down" and why.startswith(("qkd_request_failed", "handshake_abandoned")), why
+    junk = bytearray(_remac(_zero_mac2_first_fragments(1)[0]))
+    junk[1] = 3  # an M3 (single fragment: no mac2 needed) with a body that cannot parse
+    before = pair.master.stats.malformed_messages + pair.master.stats.auth_failures
+    for _ in range(50):
+        pair.master.receive_fragment(_remac(bytes(junk[:60])), pair.now)
+    assert pair.master.stats.malformed_messages + pair.master.stats.auth_failures > before
+    assert pair.master.state(pair.now)[1] == why

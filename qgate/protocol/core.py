@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from qgate.constants import (
     ANCHORS_KEPT,
@@ -20,6 +20,7 @@ from qgate.constants import (
     EXPENSIVE_RATE,
     KICK_HANDSHAKE_MIN_INTERVAL,
     LOCAL_EVIDENCE_TTL,
+    PROTOCOL_VERSION,
     RETRY_BURST,
     RETRY_NONCE_SIZE,
     RETRY_RATE,
@@ -44,6 +45,7 @@ from qgate.protocol.messages import (
     KICK_NO_SESSION,
     InitHello,
     RatchetRequest,
+    RespHello,
 )
 from qgate.protocol.wire import (
     MULTI_FRAGMENT_TYPES,
@@ -84,8 +86,26 @@ PROBE_INTERVAL = 1.0
 """Seconds between on-demand KME status probes at most."""
 FORCED_KICK_GAP = 0.2
 """Seconds between Kicks resent at once because a Retry brought the master's challenge."""
+UNAUTHENTICATED_KINDS: Final = frozenset({"authentication_failed", "bad_handshake_message"})
+"""Event kinds (besides ``unauth_*``) that report input anyone can send: never the state's first why."""
+ANSWER_RESEND_GAP = 0.5
+"""Seconds between resends of one cached answer (M2, R2, M3, R3) at least: half HANDSHAKE_RETRY."""
 STALE_REPORT_INTERVAL = 5.0
 """Seconds between events about requests refused for want of local evidence (counted always)."""
+
+
+SENDER_INDEX_OFFSETS: Final = {InitHello.TYPE: 5, RespHello.TYPE: 1}
+"""Byte offset of ``sender_index`` (u32) in the body of M1 (version, kem_id, x25519, qkd_bits) and of
+M2 (version), which a first fragment's payload starts with (messages.py)."""
+
+
+def sender_index_hint(frag: Fragment) -> int:
+    """The sender_index an M1's or M2's first fragment names, unauthenticated (a steering hint only), or 0."""
+    offset = SENDER_INDEX_OFFSETS.get(frag.msg_type)
+    payload = frag.payload
+    if offset is None or frag.index != 0 or len(payload) < offset + 4 or payload[0] != PROTOCOL_VERSION:
+        return 0
+    return int.from_bytes(payload[offset : offset + 4], "big")
 
 
 @dataclass
@@ -195,16 +215,20 @@ class PeerCore:
         self._next_stale_report = now
         self._next_mac1_report = now
         self._next_mac2_report = now
+        self._rendezvous = 0  # steering hint while this side holds no epoch (_note_unknown_record)
+        self._last_unknown_index = 0
         self._mac1_reported = 0  # drops_mac1 / drops_mac2 already counted in an unauth_* event
         self._mac2_reported = 0
         self._anchors: deque[tuple[bytes, Secret]] = deque(maxlen=ANCHORS_KEPT)
         self._last_fragment: tuple[Fragment, bytes] | None = None
         self.mode: Literal["hybrid", "degraded", "closed"] | None = None
         self.interval = config.interval
-        self.last_problem = ""
+        self.last_problem = ""  # the last local or authenticated problem (``_event``)
+        self.last_unauthenticated_problem = ""
         self._dead_key_ids: deque[str] = deque(maxlen=DEAD_KEY_IDS)
         self.last_handshake_at: float | None = None
         self._answered: OrderedDict[bytes, tuple[int, bytes, int | None]] = OrderedDict()
+        self._answered_at: dict[bytes, float] = {}  # request hash -> when its answer was last sent
         self._sm2_keys: dict[tuple[int, int], bytes] = {}  # (my_index, number) -> K_sm
         self._session_request = False  # the message being handled came under a session mac2
         self._last_record_at: float | None = None  # a record from the peer last opened
@@ -215,14 +239,43 @@ class PeerCore:
         return actions
 
     def _event(self, kind: str, **detail: str | int | float) -> None:
+        """Queue a ``PeerEvent``; one with a reason becomes the ``why`` that ``state`` reports.
+
+        Reasons of input anyone can send (``UNAUTHENTICATED_KINDS``) are kept apart and shown only
+        while no local or authenticated problem explains the state, so a spoofed datagram cannot
+        hide the real cause (a KME outage, say) from the operator.
+        """
         if "reason" in detail:
-            self.last_problem = f"{kind}: {detail['reason']}"
+            problem = f"{kind}: {detail['reason']}"
+            if kind in UNAUTHENTICATED_KINDS or kind.startswith("unauth_"):
+                self.last_unauthenticated_problem = problem
+            else:
+                self.last_problem = problem
         self._actions.append(PeerEvent(kind, {"peer": self.config.name, **detail}))
 
     def _steer_index(self) -> int:
-        """The steering hint for messages to the peer (wire.py): its index of our current epoch, or 0."""
+        """The steering hint for messages to the peer (wire.py).
+
+        The peer's index of our current epoch; with no epoch (a restart), the index the peer's records
+        still name (``_note_unknown_record``: the index this side had before it lost its state, which
+        the peer steers as its epoch's peer index); else 0.
+        """
         current = self.epochs.current
-        return current.peer_index if current is not None else 0
+        return current.peer_index if current is not None else self._rendezvous
+
+    def _note_unknown_record(self, datagram: bytes) -> None:
+        """A record that opened on no epoch while this side has none: learn its receiver index.
+
+        Adopted as the rendezvous hint when none is held yet, or when two such records in a row name
+        it (the peer's records all do; random junk does not repeat). Only a steering hint: nothing is
+        trusted on it, and a wrong one only leaves the message on the peer's control socket.
+        """
+        if len(datagram) < 8:
+            return
+        index = int.from_bytes(datagram[4:8], "big")
+        if index and (index == self._last_unknown_index or not self._rendezvous):
+            self._rendezvous = index
+        self._last_unknown_index = index
 
     def _session_key(self, epoch: Epoch) -> bytes:
         """Return ``K_sm`` of ``epoch`` (keyschedule KS-SM), derived once per epoch.
@@ -297,6 +350,10 @@ class PeerCore:
         self._request_ids += 1
         return self._request_ids
 
+    def has_session(self, now: float) -> bool:
+        """Whether this side holds an epoch that can still carry traffic at ``now`` (monotonic s)."""
+        return self._has_usable_epoch(now)
+
     def _has_usable_epoch(self, now: float) -> bool:
         """Whether current or next can still carry traffic at ``now``."""
         return any(
@@ -324,7 +381,7 @@ class PeerCore:
         return self._kme_bad_at is not None and now - self._kme_bad_at <= LOCAL_EVIDENCE_TTL
 
     def _send_retry(
-        self, frag: Fragment, datagram: bytes, now: float, *, whole_message: bool = False
+        self, frag: Fragment, datagram: bytes, now: float, *, whole_message: bool = False, hint: int = 0
     ) -> None:
         """Step G-3: hand the current challenge to the sender of ``frag`` (rate-limited).
 
@@ -332,6 +389,12 @@ class PeerCore:
         than what draws it, and a message_id at most once per half second (``guard.AnsweredIds``):
         the sender's retransmission (HS-RT) draws a lost one again. ``whole_message``: ``frag``
         completed a message that passed mac2 but echoed a stale challenge; any fragment then.
+
+        The Retry's steering hint is the index the answered message names for its sender (``hint``,
+        else read from an M1's or M2's first fragment, ``sender_index_hint``), which is live at the
+        sender (its pending M1, its next epoch): so the Retry reaches the sender's data socket even
+        when it holds no session with us (a restart) and its control socket is flooded. Else our
+        current epoch's peer index, or 0.
         """
         if not whole_message and (frag.index != 0 or frag.count < 2):
             return
@@ -346,15 +409,18 @@ class PeerCore:
             challenge=self._challenges.current,
             my_retry_key=self._my_retry,
             nonce=self._rng(RETRY_NONCE_SIZE),
-            receiver_index=self._steer_index(),
+            receiver_index=hint or sender_index_hint(frag) or self._steer_index(),
         )
         self._actions.append(SendDatagram(retry))
 
-    def _retry_last(self, now: float) -> None:
-        """Answer the message just reassembled with a Retry (its echo was stale)."""
+    def _retry_last(self, now: float, hint: int = 0) -> None:
+        """Answer the message just reassembled with a Retry (its echo was stale).
+
+        ``hint``: the index the message names for its sender (an M1's sender_index), or 0.
+        """
         self.stats.stale_challenges += 1
         if self._last_fragment is not None:
-            self._send_retry(*self._last_fragment, now, whole_message=True)
+            self._send_retry(*self._last_fragment, now, whole_message=True, hint=hint)
 
     def _spend(self, what: str, now: float) -> bool:
         """Take one unit of the expensive-work budget (G-5); False (counted) when it is spent.
@@ -439,25 +505,40 @@ class PeerCore:
             key_ids=key_ids,
         )
 
-    def _remember_answer(self, request_hash: bytes, msg_type: int, body: bytes, receiver_index: int) -> None:
+    def _remember_answer(
+        self, request_hash: bytes, msg_type: int, body: bytes, receiver_index: int, now: float
+    ) -> None:
         self._answered[request_hash] = (msg_type, body, receiver_index)
+        self._answered_at[request_hash] = now
         while len(self._answered) > RESPONSE_CACHE:
-            self._answered.popitem(last=False)
+            old, _ = self._answered.popitem(last=False)
+            self._answered_at.pop(old, None)
 
-    def _resend_answer(self, request_hash: bytes) -> bool:
-        """Resend the cached answer to a request seen before (its answer was lost); True if found."""
+    def _resend_answer(self, request_hash: bytes, now: float) -> bool:
+        """Resend the cached answer to a request seen before (its answer was lost); True if found.
+
+        At most once per ANSWER_RESEND_GAP per request: the master retransmits every HANDSHAKE_RETRY
+        (1 s), so a lost answer is still resent at its first retransmission, but a replayed request
+        (an on-path attacker's, to the data socket, where no control pacing applies) costs a hash
+        lookup, not a message each time.
+        """
         cached = self._answered.get(request_hash)
         if cached is None:
             return False
-        self._send_message(*cached)
+        if now - self._answered_at.get(request_hash, -ANSWER_RESEND_GAP) >= ANSWER_RESEND_GAP:
+            self._answered_at[request_hash] = now
+            self._send_message(*cached)
         return True
 
     def live_indexes(self) -> set[int]:
         """Receiver indexes the peer may name now (the kernel steers them, sockfilter.py).
 
-        Every live epoch's, and the pending exchange's (the peer's M2 or R2 names it).
+        Every live epoch's own and peer index, and the pending exchange's (the peer's M2 or R2 names it).
         """
         live = set(self.epochs.by_index)
+        # And our epochs' peer indexes: a peer that restarted names them in its messages as
+        # rendezvous hints (_steer_index), so its Kicks and M1s reach the data socket too.
+        live.update(e.peer_index for e in self.epochs.by_index.values() if e.peer_index)
         if self._pending is not None and self._pending.my_index:
             live.add(self._pending.my_index)
         return live
@@ -466,7 +547,8 @@ class PeerCore:
         """Return ``(state, why)``: state is up, rekeying, degraded or down; why explains down/degraded."""
         current = self.epochs.current
         if current is None or not self.epochs.usable(current, now):
-            why = self.last_problem or ("no session yet" if current is None else "key past max_key_age")
+            why = self.last_problem or self.last_unauthenticated_problem
+            why = why or ("no session yet" if current is None else "key past max_key_age")
             return "down", why
         if self.mode == "degraded":
             return "degraded", "no QKD key at this side's KME (fail_mode pqc_only_if_qkd_down)"

@@ -157,7 +157,7 @@ class MasterSteps(PeerCore):
         """Step HS-3: check M2's signature and confirmation, install the epoch, send M3."""
         p = self._pending
         if p is None or p.kind != "hs" or p.dk is None or m2.receiver_index != p.my_index:
-            self._resend_answer(ks.transcript_hash(m2.encode()))
+            self._resend_answer(ks.transcript_hash(m2.encode()), now)
             return
         if m2.epoch != p.epoch:
             raise RemoteProtocolError("M2 names another epoch")
@@ -235,7 +235,7 @@ class MasterSteps(PeerCore):
         """Step RK-3: check R2's confirmation, switch to the new epoch, send R3."""
         p = self._pending
         if p is None or p.kind != "rk" or p.keys is None or r2.receiver_index != p.my_index:
-            self._resend_answer(ks.transcript_hash(r2.encode()))
+            self._resend_answer(ks.transcript_hash(r2.encode()), now)
             return
         if r2.epoch != p.epoch or not ks.mac_ok(
             p.keys.kc_slave, ks.CONFIRM_R2, r2.confirm, p.r1_hash, r2.confirmed_part()
@@ -256,7 +256,7 @@ class MasterSteps(PeerCore):
         self._note_mode(epoch)
         self._pending = None
         self._next_ratchet_at = now + self.interval
-        self._remember_answer(answer_to, msg_type, body, epoch.peer_index)
+        self._remember_answer(answer_to, msg_type, body, epoch.peer_index, now)
         self._send_message(msg_type, body, epoch.peer_index)  # M3/R3 name the slave's new index
         keepalive = self.epochs.seal(b"", now)  # a second, independent signal to switch (as WireGuard)
         if keepalive is not None:

@@ -64,6 +64,8 @@ from qgate.protocol.slave import SlaveSteps
 from qgate.protocol.wire import (
     MULTI_FRAGMENT_TYPES,
     parse_fragment,
+    steering_index,
+    with_steering_index,
 )
 
 MAC1_HINT = (
@@ -193,6 +195,9 @@ class Peer(MasterSteps, SlaveSteps):
             self._abandon(p, now, "timeout")
             return True
         if p.fragments and now - p.last_sent >= HANDSHAKE_RETRY:
+            hint = self._steer_index()
+            if p.kind == "hs" and hint and steering_index(p.fragments[0]) != hint:  # a rendezvous learnt
+                p.fragments = [with_steering_index(f, hint) for f in p.fragments]
             self._transmit(p.fragments)  # step HS-RT / RK-RT (fresh mac2 if a challenge came meanwhile)
             p.last_sent = now
         return False
@@ -399,6 +404,8 @@ class Peer(MasterSteps, SlaveSteps):
         """
         opened = self.epochs.open(datagram, now)
         if opened is None:
+            if self.epochs.current is None:
+                self._note_unknown_record(datagram)
             if self.config.role == "slave" and not self._has_usable_epoch(now):
                 self.send_kick(now)  # rate-limited to one per KICK_INTERVAL
             return None

@@ -69,7 +69,7 @@ class SlaveSteps(PeerCore):
     def _on_m1(self, m1: InitHello, body: bytes, now: float) -> None:
         """Step HS-2a: cheap checks, fresh echo, budget, signature, PPK, fail mode; fetch the QKD key."""
         cfg = self.config
-        if self._resend_answer(ks.transcript_hash(body)) or self._is_inflight(body):
+        if self._resend_answer(ks.transcript_hash(body), now) or self._is_inflight(body):
             return
         if m1.master_sae != cfg.peer_sae or m1.slave_sae != cfg.my_sae:
             raise AuthenticationError("M1 names other SAE IDs")
@@ -80,7 +80,7 @@ class SlaveSteps(PeerCore):
         if len(m1.x25519_pub) != (32 if cfg.x25519 else 0):
             raise RemoteProtocolError("M1: X25519 value of the wrong size")
         if not self._challenges.fresh(m1.echo):
-            self._retry_last(now)  # a replayed M1, or the master had no challenge of ours yet
+            self._retry_last(now, m1.sender_index)  # a replayed M1, or the master had no challenge yet
             return
         if not self._spend("M1", now):
             return
@@ -135,7 +135,7 @@ class SlaveSteps(PeerCore):
 
     def _on_r1(self, r1: RatchetRequest, body: bytes, now: float) -> None:
         """Step RK-2a: check R1's MAC under the epoch it names, fetch the QKD key."""
-        if self._resend_answer(ks.transcript_hash(body)) or self._is_inflight(body):
+        if self._resend_answer(ks.transcript_hash(body), now) or self._is_inflight(body):
             return
         base = self.epochs.by_index.get(r1.receiver_index)
         if base is None or not self.epochs.usable(base, now):  # any live epoch (after a lost R2 the
@@ -216,7 +216,7 @@ class SlaveSteps(PeerCore):
         epoch = self._make_epoch(m1.epoch, my_index, m1.sender_index, keys, now, "handshake", m1.key_ids)
         epoch.confirm_key, epoch.confirm_context = keys.kc_master, th
         self._keep_anchor(epoch, qkd_backed=mode != ks.MODE_BARE)
-        self._install_slave(epoch, ks.transcript_hash(m1_bytes), RespHello.TYPE, m2.encode())
+        self._install_slave(epoch, ks.transcript_hash(m1_bytes), RespHello.TYPE, m2.encode(), now)
         self._event("handshake_answered", epoch=epoch.number, key_ids=",".join(m1.key_ids))
 
     def _send_r2(self, r1: RatchetRequest, r1_bytes: bytes, base: Epoch, qkd: Secret, now: float) -> None:
@@ -231,11 +231,11 @@ class SlaveSteps(PeerCore):
         epoch = self._make_epoch(r1.epoch, my_index, r1.sender_index, keys, now, "ratchet", r1.key_ids)
         epoch.confirm_key, epoch.confirm_context = keys.kc_master, r1_hash
         self._keep_anchor(epoch, qkd_backed=True)
-        self._install_slave(epoch, r1_hash, RatchetResponse.TYPE, r2.encode())
+        self._install_slave(epoch, r1_hash, RatchetResponse.TYPE, r2.encode(), now)
 
-    def _install_slave(self, epoch: Epoch, answer_to: bytes, msg_type: int, body: bytes) -> None:
+    def _install_slave(self, epoch: Epoch, answer_to: bytes, msg_type: int, body: bytes, now: float) -> None:
         self.epochs.install_next(epoch)
-        self._remember_answer(answer_to, msg_type, body, epoch.peer_index)
+        self._remember_answer(answer_to, msg_type, body, epoch.peer_index, now)
         self._send_message(msg_type, body, epoch.peer_index)  # M2/R2 name the master's pending index
 
     def _on_confirm(self, msg: InitConfirm | RatchetConfirm, now: float) -> None:

@@ -226,3 +226,14 @@ def new_message_id(rng: Callable[[int], bytes]) -> int:
 def steering_index(datagram: bytes | memoryview) -> int:
     """Return the u32 at bytes 4..7: a data record's receiver_index, a fragment's or Retry's steering hint."""
     return int.from_bytes(datagram[4:8], "big") if len(datagram) >= 8 else 0
+
+
+def with_steering_index(fragment: bytes, index: int) -> bytes:
+    """Return a fragment (header and payload, before its macs) with steering hint ``index`` (u32).
+
+    Raises:
+        LocalProtocolError: ``fragment`` is shorter than the 12-byte header, or ``index`` is not a u32.
+    """
+    if len(fragment) < 12 or not 0 <= index <= 0xFFFFFFFF:
+        raise LocalProtocolError("no fragment header to carry a steering hint")
+    return fragment[:4] + index.to_bytes(4, "big") + fragment[8:]
