@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
+import pytest
 from test_protocol_attacks import (
     ATTACKER,
     RATE,
@@ -32,6 +34,7 @@ from test_protocol_attacks import (
 from test_protocol_peers import IDENT_M, IDENT_S, Pair
 
 from qgate.constants import EXPENSIVE_BURST, EXPENSIVE_RATE, FRAGMENT_PAYLOAD_MAX, KICK_HANDSHAKE_MAX_INTERVAL
+from qgate.crypto.identity import IdentityKey, PeerPublicKey
 from qgate.crypto.secret import Secret
 from qgate.protocol import guard
 from qgate.protocol.messages import InitHello
@@ -254,7 +257,7 @@ def test_a_master_that_starts_before_the_slave_listens_completes_on_the_slaves_f
     assert pair.slave.stats.stale_challenges <= 1
 
 
-def _flooded_control_socket(flooded: Peer) -> object:
+def _flooded_control_socket(flooded: Peer) -> Callable[[bytes, Peer], bool]:
     """A drop rule: ``flooded``'s control socket is full, so only steered datagrams reach it.
 
     A record or fragment reaches the data socket (sockfilter.py) only with a live index at bytes 4..7.
@@ -266,41 +269,33 @@ def _flooded_control_socket(flooded: Peer) -> object:
     return drop
 
 
-def _restarted(peer: Peer, identity: object, peer_key: object, now: float) -> Peer:
-    return Peer(peer.config, identity=identity, peer_key=peer_key, rng=os.urandom, now=now)  # type: ignore[arg-type]
+def _restarted(peer: Peer, identity: IdentityKey, peer_key: PeerPublicKey, now: float) -> Peer:
+    return Peer(peer.config, identity=identity, peer_key=peer_key, rng=os.urandom, now=now)
 
 
-def test_a_restarted_slave_gets_a_session_at_once_while_the_masters_control_socket_is_flooded() -> None:
+@pytest.mark.parametrize("restarting", ["slave", "master"])
+def test_a_restarted_peer_gets_a_session_at_once_while_the_other_sides_control_socket_is_flooded(
+    restarting: str,
+) -> None:
     pair = Pair(interval=1.0, kem_interval=30.0, max_key_age=60.0)  # the old key would last a minute
     pair.run(0.3)
-    pair.slave = _restarted(pair.slave, IDENT_S, IDENT_M.public_key(), pair.now)
-    pair.drop_to = _flooded_control_socket(pair.master)  # type: ignore[assignment]
+    if restarting == "slave":
+        pair.slave = fresh = _restarted(pair.slave, IDENT_S, IDENT_M.public_key(), pair.now)
+        survivor = pair.master
+    else:
+        pair.master = fresh = _restarted(pair.master, IDENT_M, IDENT_S.public_key(), pair.now)
+        survivor = pair.slave
+    pair.drop_to = _flooded_control_socket(survivor)
     start = pair.now
     for _ in range(100):
-        datagram = pair.master.seal(b"traffic to the restarted slave", pair.now)
+        datagram = survivor.seal(b"traffic to the restarted peer", pair.now)
         assert datagram is not None
-        pair.slave.open(datagram, pair.now)  # unknown index: the slave learns its old one, and Kicks
+        fresh.open(datagram, pair.now)  # unknown index: the restarted side learns its old one
         pair.run(0.05)
-        if pair.slave.has_session(pair.now) and pair.send_both_ways(b"x") == (b"x", b"x"):
+        if fresh.has_session(pair.now) and pair.send_both_ways(b"x") == (b"x", b"x"):
             break
-    assert pair.now - start <= 2.5, f"restarted slave waited {pair.now - start:.2f} s"
+    assert pair.now - start <= 2.5, f"restarted {restarting} waited {pair.now - start:.2f} s"
     assert pair.master.stats.handshake_failures == 0
-
-
-def test_a_restarted_master_gets_a_session_at_once_while_the_slaves_control_socket_is_flooded() -> None:
-    pair = Pair(interval=1.0, kem_interval=30.0, max_key_age=60.0)
-    pair.run(0.3)
-    pair.master = _restarted(pair.master, IDENT_M, IDENT_S.public_key(), pair.now)
-    pair.drop_to = _flooded_control_socket(pair.slave)  # type: ignore[assignment]
-    start = pair.now
-    for _ in range(100):
-        datagram = pair.slave.seal(b"traffic to the restarted master", pair.now)
-        assert datagram is not None
-        pair.master.open(datagram, pair.now)
-        pair.run(0.05)
-        if pair.master.has_session(pair.now) and pair.send_both_ways(b"x") == (b"x", b"x"):
-            break
-    assert pair.now - start <= 2.5, f"restarted master waited {pair.now - start:.2f} s"
 
 
 def test_every_retry_for_a_masters_m1_names_an_index_live_at_the_master() -> None:
