@@ -155,7 +155,30 @@ def load_ppk(path: Path) -> Secret:
         raise ConfigError(f"{path}: the PPK is longer than {PPK_MAX_BYTES} bytes")
     if len(data) < PPK_MIN_BYTES:
         raise ConfigError(f"{path}: the PPK is {len(data)} bytes; at least {PPK_MIN_BYTES} are needed")
+    weak = _weak_ppk(data)
+    if weak:
+        raise ConfigError(
+            f"{path}: the PPK {weak}; it must be raw random bytes (RFC 8784 asks for at least 256 bits of"
+            " entropy), e.g. head -c 32 /dev/urandom > ppk.bin"
+        )
     return Secret(data)
+
+
+PPK_MIN_DISTINCT: Final = 16
+"""Distinct byte values a PPK must hold at least. 32 random bytes hold about 30; fewer than 16 happens
+with probability below 1e-9, so only a pattern (a repeated byte, a short cycle) is refused."""
+
+
+def _weak_ppk(data: bytes) -> str:
+    """Say why ``data`` cannot be a random PPK (text, or a pattern), or "" (the bytes are never quoted).
+
+    A random 32-byte file is all printable ASCII with probability (98/256)^32, about 1e-13.
+    """
+    if all(0x20 <= b <= 0x7E or b in b"\t\n\r" for b in data):
+        return "is text (a passphrase, or hex or Base64 of a key), not raw bytes"
+    if len(set(data)) < PPK_MIN_DISTINCT:
+        return f"holds fewer than {PPK_MIN_DISTINCT} distinct byte values (a pattern)"
+    return ""
 
 
 def _read_regular(path: Path, limit: int, *, what: str) -> bytes:

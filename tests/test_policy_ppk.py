@@ -162,3 +162,22 @@ def test_check_reports_a_missing_short_or_readable_ppk_at_its_line(
     assert [(where, fragment in message) for _, where, message in problems] == [("peers[0].ppk.file", True)]
     line = problems[0][0]
     assert line is not None and "ppk" in site.read_text().splitlines()[line - 1]
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"correct horse battery staple 2026!", "is text"),
+        (os.urandom(32).hex().encode(), "is text"),
+        (b"\x00\x01" * 16, "fewer than 16 distinct byte values"),
+    ],
+)
+def test_load_ppk_refuses_text_and_patterns_naming_the_path_not_the_bytes(
+    tmp_path: Path, content: bytes, why: str
+) -> None:
+    path = tmp_path / "ppk.bin"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=why) as info:
+        load_ppk(path)
+    assert str(path) in str(info.value) and "urandom" in str(info.value)
+    assert content.decode("latin-1") not in str(info.value)
