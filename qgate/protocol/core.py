@@ -351,11 +351,7 @@ class PeerCore:
         return self._request_ids
 
     def has_session(self, now: float) -> bool:
-        """Whether this side holds an epoch that can still carry traffic at ``now`` (monotonic s)."""
-        return self._has_usable_epoch(now)
-
-    def _has_usable_epoch(self, now: float) -> bool:
-        """Whether current or next can still carry traffic at ``now``."""
+        """Whether current or next can still carry traffic at ``now`` (monotonic s)."""
         return any(
             e is not None and self.epochs.usable(e, now) for e in (self.epochs.current, self.epochs.next)
         )

@@ -139,11 +139,11 @@ class Peer(MasterSteps, SlaveSteps):
         self._note_closed(now)
         if self.config.role == "slave":
             owed = self._kick_owed
-            if owed == KICK_NO_SESSION and self._has_usable_epoch(now):
+            if owed == KICK_NO_SESSION and self.has_session(now):
                 self._kick_owed = owed = None  # a session arrived meanwhile
             if now >= self._next_kick_at and owed is not None:
                 self.send_kick(now, owed)
-            elif not self._has_usable_epoch(now) and now >= self._next_kick_at:
+            elif not self.has_session(now) and now >= self._next_kick_at:
                 self.send_kick(now)
             return
         pending, current = self._pending, self.epochs.current
@@ -349,7 +349,7 @@ class Peer(MasterSteps, SlaveSteps):
         A Retry for an old Kick (replayed by an attacker) never makes a healthy slave Kick.
         """
         recent = now - (self._next_kick_at - KICK_INTERVAL) <= 2 * KICK_INTERVAL
-        reason_holds = self._kick_reason == KICK_QKD_UNAVAILABLE or not self._has_usable_epoch(now)
+        reason_holds = self._kick_reason == KICK_QKD_UNAVAILABLE or not self.has_session(now)
         return recent and reason_holds and now >= self._next_forced_kick
 
     def _dispatch(self, msg: Message, body: bytes, now: float) -> None:
@@ -406,7 +406,7 @@ class Peer(MasterSteps, SlaveSteps):
         if opened is None:
             if self.epochs.current is None:
                 self._note_unknown_record(datagram)
-            if self.config.role == "slave" and not self._has_usable_epoch(now):
+            if self.config.role == "slave" and not self.has_session(now):
                 self.send_kick(now)  # rate-limited to one per KICK_INTERVAL
             return None
         plaintext, epoch = opened
