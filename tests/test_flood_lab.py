@@ -122,9 +122,14 @@ def test_short_flood_run_reports_every_field_and_cleans_up() -> None:
     assert unknown["kernel"]["b"]["udp_in_errors"] >= unknown["sent"] * 0.9
     # Issue 10 acceptance at this rate: no QKD key, no lost ping, audit growth bounded.
     for kind, checks in result["checks"].items():
+        row = result["kinds"][kind]
+        keys = {k: row[k] for k in ("window_s", "qkd_keys_master", "qkd_keys_slave")}
+        baseline = {k: result["kinds"]["none"][k] for k in keys}
         assert checks["keys_master"] and checks["ping_no_loss"] and checks["audit_under_100kb_per_60s"], (
             kind,
             checks,
+            keys,
+            baseline,
         )
     #     assert result["ok"] and done.returncode == 0
 
