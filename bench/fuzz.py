@@ -68,6 +68,7 @@ from qgate.errors import (  # noqa: E402
     AuthenticationError,
     DataPlaneError,
     KmsBadAnswerError,
+    KmsExhaustedError,
     PolicyError,
     RemoteProtocolError,
 )
@@ -521,7 +522,7 @@ def build_targets() -> list[Target]:
         return lambda r: mutate_bytes(r, pool, keep=keep)
 
     proto = (RemoteProtocolError,)
-    kms = (KmsBadAnswerError,)
+    kms = (KmsBadAnswerError, KmsExhaustedError)  # a 200 with no key: "none now" (issue 11)
     targets = [
         Target("wire.parse_data_header", proto, gen(wire), parse_data_header),
         Target("wire.parse_fragment", proto, gen(wire), parse_fragment),

@@ -91,7 +91,8 @@ main() {
 		[[ -r $POLICY ]] ||
 			die "no readable policy at $POLICY: mount the site's directory on /etc/qgate or set QGATE_POLICY"
 		preflight_up
-		qgate check "$POLICY" >&2 || exit $?
+		# Files only: `qgate up` reports the KME's TLS by cause, `qgate kme probe` checks it on demand.
+		qgate check --no-connect "$POLICY" >&2 || exit $?
 		up_command
 		run "${UP[@]}" "$POLICY" "$@"
 		;;

@@ -6,7 +6,7 @@
 #   pki/      lab CA, KME_A/KME_B server and SAE_A/SAE_B client certificates, link.secret (qgate pki)
 #   keys/     site-a.{key,pub}, site-b.{key,pub}: ML-DSA-65 gateway identities (qgate keygen)
 #   site-a.yaml, site-b.yaml   gateway policies (paths relative to this directory)
-# then validates both policies with `qgate check`. Does nothing when the directory is already set
+# then validates both policies with `qgate check --no-connect` (files only: no KME runs yet). Does nothing when the directory is already set
 # up (marker file .lab-ready), so restarting the lab keeps its keys; `docker compose down -v` resets.
 #
 # Addresses: the same as `qgate lab run` (see examples/README.md), plus the two KMEs, which are
@@ -67,7 +67,7 @@ policy site-a site-b 10.99.0.1:51820 10.99.0.2:51820 https://10.1.0.10:8443 SAE_
 policy site-b site-a 10.99.0.2:51820 10.99.0.1:51820 https://10.2.0.10:8443 SAE_B SAE_A slave 10.1.0.0/24 \
 	>"$DIR/site-b.yaml"
 
-qgate check "$DIR/site-a.yaml" >&2
-qgate check "$DIR/site-b.yaml" >&2
+qgate check --no-connect "$DIR/site-a.yaml" >&2
+qgate check --no-connect "$DIR/site-b.yaml" >&2
 touch "$MARKER"
 echo "qgate-lab-init: lab PKI, identities and policies written to $DIR" >&2

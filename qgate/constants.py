@@ -104,6 +104,16 @@ QKD_PREFETCH_DEFAULT: Final = 16
 """QKD keys a master keeps fetched ahead of need (policy ``qkd_prefetch``)."""
 QKD_PREFETCH_RETRY_MAX: Final = 8.0
 """Seconds: the longest wait between failed prefetch requests."""
+QKD_PREFETCH_PROBATION: Final = 600.0
+"""Seconds of fetching on demand, after prefetched keys died at the slave's KME, before
+prefetching is tried again (implementation choice; doubles at each new failure)."""
+QKD_PREFETCH_PROBATION_MAX: Final = 86400.0
+"""Seconds: the longest probation (one day)."""
+QKD_OUT_MAX_AGE: Final = 20.0
+"""Seconds a key handed to an exchange counts as on its way to the slave at most (twice
+HANDSHAKE_TIMEOUT: every exchange ends by then), so a lost completion never blocks refills."""
+QKD_SLOW_ANSWER: Final = 1.0
+"""Seconds: a KME answer slower than this is counted as slow (status shows it)."""
 QKD_STOCK_HORIZON: Final = 60.0
 """Seconds of ratchet steps the QKD key stock should cover; below that it is low (alarm, stretch)."""
 STATUS_POLL_INTERVAL: Final = 5.0

@@ -19,13 +19,12 @@ import os
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final, cast
 
 from qgate import control
 from qgate.audit import AuditLog
-from qgate.constants import QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
 from qgate.control import default_socket
 from qgate.crypto.kem import get_kem
 from qgate.dataplane.forwarder import CONTROL_DATAGRAMS_PER_WAKE, Forwarder, ForwarderStats, Link
@@ -36,9 +35,7 @@ from qgate.dataplane.udpio import UdpBatchIO
 from qgate.errors import ConfigError, QgateError
 from qgate.failagg import FailureAggregator, Summary, is_aggregated
 from qgate.keyfiles import load_identity, load_peer_public_key, load_ppk
-from qgate.keysupply import KeyStock, paced_interval
 from qgate.kms.client import Etsi014Client
-from qgate.kms.etsi014 import QkdKey, Status
 from qgate.metrics import MetricsServer, start_metrics_server, status_from_loop
 from qgate.netconfig import NetHandle, configure_tun
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
@@ -55,6 +52,7 @@ from qgate.protocol.peer import (
     SendDatagram,
 )
 from qgate.reload import plan_reload
+from qgate.supply import PeerSupply
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +137,16 @@ class _PeerLink:
     policy: PeerPolicy
     engine: Peer
     address: tuple[str, int]
-    stock: KeyStock = field(default_factory=lambda: KeyStock(0))
-    next_status_at: float = 0.0
-    kme_ok: bool | None = None
+    supply: PeerSupply
     too_big: int = 0
-    prefetch_failing: bool = False
+
+
+def _kme_retry(event: PeerEvent) -> bool:
+    """Whether an engine event only repeats a KME failure (a retry's outcome), not news."""
+    reason = str(event.detail.get("reason", ""))
+    return event.kind == "qkd_request_failed" or (
+        event.kind in ("handshake_abandoned", "ratchet_abandoned") and reason.startswith("qkd:")
+    )
 
 
 def peer_config(p: PeerPolicy, my_sae: str) -> PeerConfig:
@@ -202,7 +205,9 @@ class Gateway:
         self._check_files()
         identity = load_identity(policy.identity)
         kme = policy.kme
-        self._kms = Etsi014Client(kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout)
+        self._kms = Etsi014Client(
+            kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout, tls=kme
+        )
         now = time.monotonic()
         self._peers: list[_PeerLink] = []
         for p in policy.peers:
@@ -214,8 +219,10 @@ class Gateway:
                 now=now,
                 index_taken=self._index_taken,
             )
-            stock = KeyStock(p.qkd_prefetch if p.qkd_role == "master" else 0)
-            self._peers.append(_PeerLink(p, engine, (p.endpoint.host, p.endpoint.port), stock))
+            link = _PeerLink(p, engine, (p.endpoint.host, p.endpoint.port), cast(PeerSupply, None))
+            flush = functools.partial(self._flush, link)
+            link.supply = PeerSupply(p, engine, self._kms, kme.url, flush, self._kms.https.diagnose)
+            self._peers.append(link)
         self._by_address = {link.address: link for link in self._peers}
         self._routes: RouteTable[_PeerLink] = RouteTable(
             (net, link) for link in self._peers for net in link.policy.subnets
@@ -283,6 +290,8 @@ class Gateway:
             DataPlaneError: the TUN, routes or UDP socket could not be set up.
         """
         self._loop = asyncio.get_running_loop()
+        for link in self._peers:
+            link.supply.loop = self._loop
         opened = False
         try:
             self._open()
@@ -384,14 +393,14 @@ class Gateway:
             self._tun = None
         for link in self._peers:
             link.engine.epochs.clear()
-            link.stock.clear()
+            link.supply.stock.clear()
 
     async def _timer_loop(self) -> None:
         next_stats = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             for link in self._peers:
-                self._supply(link, now)
+                link.supply.tick(now)
                 due = link.engine.next_timer()
                 if due is None or due <= now:
                     link.engine.handle_timer(now)
@@ -503,9 +512,9 @@ class Gateway:
         if isinstance(action, SendDatagram):
             self._send(link, action.data)
         elif isinstance(action, FetchEncKeys | FetchDecKeys):
-            self._fetch(link, action)
+            link.supply.fetch(action, time.monotonic())
         elif isinstance(action, ProbeKme):
-            link.next_status_at = 0.0  # the engine wants local evidence now: poll on the next tick
+            link.supply.poll_soon()  # the engine wants local evidence now
         elif isinstance(action, PeerEvent) and is_aggregated(action.kind):
             # Unauthenticated or malformed input: anyone can send it, so it is counted and summarised
             # (``_timer_loop``), never one audit record or one log line each.
@@ -516,6 +525,7 @@ class Gateway:
             count = action.detail.get("count", 1)
             self._failures.add(peer, action.kind, reason, time.monotonic(), int(count))
         elif isinstance(action, PeerEvent):
+            link.supply.event(action, time.monotonic())
             self._log_event(action)
             if action.kind in AUDITED_EVENTS:
                 self._audit_event(action.kind, **action.detail)
@@ -543,116 +553,12 @@ class Gateway:
         if self._audit is not None:
             self.stats.audit_dropped = self._audit.dropped
 
-    def _fetch(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys) -> None:
-        assert self._loop is not None
-        peer_sae = link.policy.sae_id
-        if isinstance(action, FetchEncKeys):
-            stocked = link.stock.take(action.number) if action.size_bits == link.policy.qkd_key_bits else None
-            if stocked is not None:  # prefetched: no KME round trip on the rekey path
-                self._loop.call_soon(self._keys_ready, link, action, stocked)
-                return
-            call = lambda: self._kms.enc_keys(peer_sae, action.number, action.size_bits)  # noqa: E731
-        else:
-            size = link.policy.qkd_key_bits  # the KME's answer must have the size both sides expect
-            call = lambda: self._kms.dec_keys(peer_sae, action.key_ids, size_bits=size)  # noqa: E731
-        future = self._loop.run_in_executor(None, call)
-        future.add_done_callback(lambda f: self._fetched(link, action, f))
-
-    def _fetched(
-        self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, future: asyncio.Future[list[QkdKey]]
-    ) -> None:
-        exc = future.exception()
-        if exc is None:
-            self._keys_ready(link, action, future.result())
-            return
-        if not isinstance(exc, QgateError):
-            log.error("KME request failed unexpectedly", exc_info=exc)
-        reason = str(exc) if isinstance(exc, QgateError) else f"internal error: {type(exc).__name__}"
-        link.engine.keys_failed(action.request_id, reason, time.monotonic())
-        self._flush(link)
-
-    def _keys_ready(self, link: _PeerLink, action: FetchEncKeys | FetchDecKeys, keys: list[QkdKey]) -> None:
-        link.engine.keys_fetched(action.request_id, [(k.key_id, k.key) for k in keys], time.monotonic())
-        self._flush(link)
-
-    def _supply(self, link: _PeerLink, now: float) -> None:
-        """Keep the master's key stock filled; poll the KME's status on either side (ETSI 014 5.1).
-
-        The slave's polls are its local evidence for or against a degraded handshake.
-        """
-        assert self._loop is not None
-        if link.policy.qkd_role == "master":
-            self._pace(link)
-            number = link.stock.refill_request(now)
-            if number:
-                size = link.policy.qkd_key_bits
-                call = functools.partial(self._kms.enc_keys, link.policy.sae_id, number, size)
-                future = self._loop.run_in_executor(None, call)
-                future.add_done_callback(functools.partial(self._refilled, link))
-        if now >= link.next_status_at:
-            link.next_status_at = now + STATUS_POLL_INTERVAL
-            status = functools.partial(self._kms.status, link.policy.sae_id)
-            self._loop.run_in_executor(None, status).add_done_callback(functools.partial(self._polled, link))
-
-    def _pace(self, link: _PeerLink) -> None:
-        """Stretch the ratchet interval when the projected QKD key stock runs low; alarm once per episode."""
-        stats, rekey = link.stock.stats, link.policy.rekey
-        if link.kme_ok is None:
-            return  # no status answer yet
-        available = len(link.stock) + (stats.kme_stored_key_count or 0)
-        interval, low = paced_interval(available, rekey.interval, rekey.max_interval)
-        link.engine.set_interval(interval)
-        if low and not stats.stock_low:
-            stats.stock_alarms += 1
-            log.warning(
-                "QKD key stock low for peer %s: %d keys (local %d, KME %s) cover less than %.0f s of rekeys;"
-                " ratchet interval stretched to %.2f s (max %.2f s)",
-                link.policy.name, available, len(link.stock), stats.kme_stored_key_count,
-                QKD_STOCK_HORIZON, interval, rekey.max_interval,
-            )  # fmt: skip
-        elif stats.stock_low and not low:
-            log.info(
-                "QKD key stock for peer %s recovered: %d keys; interval %.2f s",
-                link.policy.name,
-                available,
-                interval,
-            )
-        stats.stock_low = low
-
-    def _refilled(self, link: _PeerLink, future: asyncio.Future[list[QkdKey]]) -> None:
-        """Store prefetched keys; a failure (KME error or a bad answer) is logged once per streak."""
-        exc = future.exception()
-        stats = link.stock.stats
-        if exc is None:
-            if link.prefetch_failing:
-                log.info("prefetch from the KME for peer %s works again", link.policy.name)
-            link.prefetch_failing = False
-            link.stock.refill_done(future.result())
-            return
-        link.stock.refill_failed(time.monotonic())
-        stats.last_error = str(exc)[:200]
-        if not link.prefetch_failing:
-            log.warning(
-                "prefetch from the KME for peer %s failed: %s (retrying with backoff)", link.policy.name, exc
-            )
-        link.prefetch_failing = True
-
-    def _polled(self, link: _PeerLink, future: asyncio.Future[Status]) -> None:
-        """Publish the KME's stock; log when the KME becomes unreachable or comes back (once each)."""
-        exc = future.exception()
-        ok = exc is None
-        stored = future.result().stored_key_count if ok else None
-        link.stock.stats.kme_stored_key_count = stored
-        link.engine.kme_observed(ok, time.monotonic(), empty=stored == 0)
-        if ok and link.kme_ok is not True:
-            log.info("KME %s answers for peer %s: %s", self.policy.kme.url, link.policy.name, future.result())
-        elif not ok and link.kme_ok is not False:
-            log.error("KME check failed: %s (key requests are retried with backoff)", exc)
-        link.kme_ok = ok
-
     def _log_event(self, event: PeerEvent) -> None:
         """Log a protocol event; warnings are limited to LOG_BURST per kind per second (counted anyway)."""
         detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
+        if _kme_retry(event):
+            log.debug("%s %s", event.kind, detail)  # the supply logs the KME's state once per change
+            return
         if event.kind == "mode_change" and event.detail.get("new") == "closed":
             log.warning(
                 "%s %s: traffic stopped (fail_mode qkd_and_pqc) until fresh keys arrive", event.kind, detail
@@ -695,8 +601,7 @@ class Gateway:
                 "fail_mode": link.policy.fail_mode,
                 **asdict(engine.stats),
                 **asdict(engine.epochs.stats),
-                "qkd_stock": len(link.stock),
-                **{f"qkd_{k}": v for k, v in asdict(link.stock.stats).items()},
+                **link.supply.counters(),
             }
             peers[link.policy.name] = row
             for key, value in row.items():
@@ -772,7 +677,7 @@ class Gateway:
         )
         engine.set_interval(fresh.rekey.interval)
         engine.epochs.max_key_age = fresh.rekey.max_key_age
-        link.stock.target = fresh.qkd_prefetch if fresh.qkd_role == "master" else 0
+        link.supply.reconfigure(fresh)
         link.policy = fresh
 
     def _on_control(self, request: dict[str, object]) -> dict[str, object]:
@@ -794,7 +699,20 @@ class Gateway:
             "peers": [self._peer_status(link, now) for link in self._peers],
             "counters": {**asdict(self.stats), **asdict(self._fwd_stats())},
             "data_path": self._data_path(),
+            "kme_tls": self._kme_tls(),
             "udp_sockets": self._udp.status() if self._udp is not None else {},
+        }
+
+    def _kme_tls(self) -> dict[str, object]:
+        """TLS toward the KME: what was negotiated last, what we offer, how the server is verified."""
+        https = self._kms.https
+        version, suite = https.negotiated or (None, None)
+        return {
+            "version": version,
+            "cipher": suite,
+            "offered": https.offer.describe(),
+            "weak_ciphers_allowed": https.weak_ciphers_allowed,
+            "server_identity": "pinned" if https.settings.pinned else f"hostname {https.expected_name}",
         }
 
     def _data_path(self) -> dict[str, object]:
@@ -825,10 +743,11 @@ class Gateway:
             "epoch_age_s": round(now - current.created_at, 3) if current else None,
             "last_handshake_s": round(now - last_hs, 3) if last_hs is not None else None,
             "rekey_interval_s": engine.interval,
-            "qkd_kme_stock": link.stock.stats.kme_stored_key_count,
-            "qkd_prefetch_stock": len(link.stock),
-            "qkd_prefetch_failures": link.stock.stats.refill_failures,
-            "kme_reachable": link.kme_ok,
+            "qkd_kme_stock": link.supply.view.stored_count(),
+            "qkd_prefetch_stock": len(link.supply.stock),
+            "qkd_prefetch_failures": link.supply.stock.stats.refill_failures,
+            "kme_reachable": link.supply.view.reachable,
+            "kme": link.supply.status(),
             "rekeys": engine.stats.rekeys_qkd + engine.stats.rekeys_kem,
             "rekeys_qkd": engine.stats.rekeys_qkd,
             "rekeys_kem": engine.stats.rekeys_kem,

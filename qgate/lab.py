@@ -231,15 +231,20 @@ class Lab:
         wait_until("tcpdump to listen", listening, timeout=10)
         return child
 
-    def start_kmes(self, *, rate: int = setup.KME_RATE, admins: Sequence[str] = ()) -> None:
+    def start_kmes(
+        self, *, rate: int = setup.KME_RATE, admins: Sequence[str] = (), quirks: Sequence[str] = ()
+    ) -> None:
         """Start both KME simulators (one per gateway namespace) and wait until both listen.
 
         Args:
             rate: simulated QKD key rate of each KME, bits per second.
             admins: client certificate CNs allowed to inject faults at run time (``--admin``).
+            quirks: KME product quirks given to both KMEs (``--quirk``, ``qgate.kms.quirks``).
         """
         for site, role in (("a", "ga"), ("b", "gb")):
-            argv = setup.kms_sim_argv(sys.executable, self.run_dir, site, rate=rate, admins=admins)
+            argv = setup.kms_sim_argv(
+                sys.executable, self.run_dir, site, rate=rate, admins=admins, quirks=quirks
+            )
             self.start(f"kme-{site}", role, argv)
         kmes = [c for c in self.kids.items if c.name.startswith("kme-")]
 
@@ -256,6 +261,7 @@ class Lab:
         rekey: dict[str, float] | None = None,
         kme_rate: int = setup.KME_RATE,
         overrides: Mapping[str, setup.SiteOverrides] | None = None,
+        kme_quirks: Sequence[str] = (),
     ) -> list[Child]:
         """Write PKI, identities and policies, start both KMEs, then both gateways; return the gateways.
 
@@ -263,10 +269,11 @@ class Lab:
             rekey: rekey timing to force into both policies (seconds), else the template's.
             kme_rate: simulated QKD key rate of each KME, bits per second.
             overrides: per site (``a``, ``b``) policy values to force (see ``SiteOverrides``).
+            kme_quirks: quirks of both KMEs; the PKI and policies follow (``no-san``, ``cbc-only``).
         """
-        setup.make_pki_and_identities(self.run_dir)
-        setup.write_policies(self.run_dir, rekey=rekey, overrides=overrides)
-        self.start_kmes(rate=kme_rate)
+        setup.make_pki_and_identities(self.run_dir, kme_quirks=kme_quirks)
+        setup.write_policies(self.run_dir, rekey=rekey, overrides=overrides, kme_quirks=kme_quirks)
+        self.start_kmes(rate=kme_rate, quirks=kme_quirks)
         return self.start_gateways()
 
     def start_gateways(self) -> list[Child]:
@@ -413,6 +420,8 @@ class LabOptions:
     keep: bool = False
     no_offload: tuple[str, ...] = ()
     """Sites (``a``, ``b``) whose gateway runs the plain data path (policy ``tun.offload: false``)."""
+    kme_quirks: tuple[str, ...] = ()
+    """Quirks of both KMEs (``--kme-quirk``, names of ``qgate.kms.quirks.QUIRKS``)."""
 
 
 def run_lab(opts: LabOptions) -> dict[str, object]:
@@ -436,7 +445,7 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     pattern = secrets.token_bytes(PING_PATTERN_SIZE)
     capture = lab.start_capture()
     overrides = {site: setup.SiteOverrides(tun={"offload": False}) for site in opts.no_offload}
-    watch = lab.start_qgate(overrides=overrides) if lab.tunnel else []
+    watch = lab.start_qgate(overrides=overrides, kme_quirks=opts.kme_quirks) if lab.tunnel else []
     waited = lab.wait_path(watch)
     before = {s: fresh_stats(lab.run_dir / f"stats-{s}.json") for s in ("a", "b")} if lab.tunnel else {}
     traffic = run_traffic(lab, lab.run_dir / "payload.bin", seconds=opts.seconds, pattern=pattern,

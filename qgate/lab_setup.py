@@ -13,6 +13,12 @@ they exist (keeping their KEM, X25519 and fail-mode choices) or from a built-in 
 lab always forces what its topology and acceptance need: addresses, KME credentials, the TUN,
 the peer. Rekey timing comes from the template (``policies/`` uses QKD every 1 s, ML-KEM every
 4 s, so a 6 s run sees several rekeys), else :data:`LAB_REKEY`, unless the caller forces one.
+
+KME quirks (``qgate lab run --kme-quirk NAME``, :mod:`qgate.kms.quirks`) go to both KMEs; the
+ones the gateways must answer with an explicit policy decision also shape the PKI and the
+policies (:func:`quirk_kme_policy`): ``no-san`` writes KME certificates without
+subjectAltName and pins each gateway's KME by CN (``kme.server_cn``); ``cbc-only`` allows one
+CBC-SHA suite besides the AEAD ones (``kme.tls_ciphers``).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ KME_RATE: Final = 100_000
 """Bits per second: the simulated QKD key rate of each lab KME (``kms-sim --rate``)."""
 ADMIN_CN: Final = "ADMIN"
 """CN of the lab's fault-admin client certificate (``kms-sim --admin ADMIN``)."""
+CBC_POLICY_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE-ECDSA-AES256-SHA"
+"""OpenSSL cipher list the lab policy allows toward a ``cbc-only`` KME (``kme.tls_ciphers``)."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,14 @@ SITES: Final[dict[str, dict[str, str]]] = {
 }  # fmt: skip
 
 
-def make_pki_and_identities(run_dir: Path, *, admin: bool = False) -> None:
+def make_pki_and_identities(run_dir: Path, *, admin: bool = False, kme_quirks: Sequence[str] = ()) -> None:
     """Write the lab PKI (``<run>/pki``) and both gateway identities (``<run>/keys``).
 
     Args:
         run_dir: the run directory.
         admin: also write the fault-admin client certificate ``pki/ADMIN.{pem,key}``
             (:data:`ADMIN_CN`), for KMEs started with ``--admin ADMIN``.
+        kme_quirks: the KMEs' quirks; ``no-san``: KME certificates without subjectAltName.
 
     Raises:
         ConfigError: (from qgate.keyfiles) an identity could not be written.
@@ -88,6 +97,7 @@ def make_pki_and_identities(run_dir: Path, *, admin: bool = False) -> None:
         run_dir / "pki",
         kmes={"KME_A": [net.GW_A_WAN], "KME_B": [net.GW_B_WAN]},
         saes=["SAE_A", "SAE_B", *([ADMIN_CN] if admin else [])],
+        no_san_kmes=["KME_A", "KME_B"] if "no-san" in kme_quirks else [],
     )
     (run_dir / "keys").mkdir(mode=0o700, exist_ok=True)
     for site in ("a", "b"):
@@ -108,8 +118,26 @@ def _template(site: str) -> dict[str, object]:
     return {"gateway": {}, "kme": {}, "peers": [{}]}
 
 
+def quirk_kme_policy(site: str, kme_quirks: Sequence[str]) -> dict[str, object]:
+    """Return the ``kme`` policy keys ``site``'s gateway needs to work with KMEs having ``kme_quirks``.
+
+    ``no-san``: ``server_cn`` (the KME's certificate CN, pinned instead of a hostname check);
+    ``cbc-only``: ``tls_ciphers`` = :data:`CBC_POLICY_CIPHERS`. Nothing for other quirks.
+    """
+    keys: dict[str, object] = {}
+    if "no-san" in kme_quirks:
+        keys["server_cn"] = SITES[site]["kme"]
+    if "cbc-only" in kme_quirks:
+        keys["tls_ciphers"] = CBC_POLICY_CIPHERS
+    return keys
+
+
 def render_policy(
-    site: str, *, rekey: dict[str, float] | None = None, overrides: SiteOverrides | None = None
+    site: str,
+    *,
+    rekey: dict[str, float] | None = None,
+    overrides: SiteOverrides | None = None,
+    kme_quirks: Sequence[str] = (),
 ) -> dict[str, object]:
     """Return the lab policy of ``site`` (``a`` or ``b``) as a YAML-ready mapping.
 
@@ -117,7 +145,9 @@ def render_policy(
         site: which gateway.
         rekey: rekey timing (seconds) to force; default: the template's, else :data:`LAB_REKEY`.
         overrides: further values to force into this site's policy (applied last, so they win
-            over the template and ``rekey``; the topology fields are forced again after them).
+            over the template, ``rekey`` and ``kme_quirks``; the topology fields are forced
+            again after them).
+        kme_quirks: the KMEs' quirks; adds the ``kme`` keys of :func:`quirk_kme_policy`.
     """
     info, peer = SITES[site], SITES[SITES[site]["peer"]]
     doc = _template(site)
@@ -131,6 +161,7 @@ def render_policy(
     extra = overrides or SiteOverrides()
     gateway["tun"] = {**extra.tun, "name": TUN_NAME, "mtu": TUN_MTU}
     kme = _mapping(doc.get("kme"))
+    kme.update(quirk_kme_policy(site, kme_quirks))
     kme.update(extra.kme)
     kme.update(
         url=f"https://127.0.0.1:{KME_PORT}",
@@ -165,6 +196,7 @@ def write_policies(
     *,
     rekey: dict[str, float] | None = None,
     overrides: Mapping[str, SiteOverrides] | None = None,
+    kme_quirks: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Render both lab policies into ``run_dir``; return ``{"a": path, "b": path}``.
 
@@ -172,6 +204,7 @@ def write_policies(
         run_dir: the run directory.
         rekey: rekey timing (seconds) forced into both policies (see :func:`render_policy`).
         overrides: per site (``a``, ``b``) values forced into that site's policy.
+        kme_quirks: the KMEs' quirks (see :func:`quirk_kme_policy`).
 
     When ``qgate.policy.load_policy`` exists, each rendered file is validated with it.
 
@@ -181,7 +214,7 @@ def write_policies(
     paths: dict[str, Path] = {}
     for site in ("a", "b"):
         path = run_dir / f"site-{site}.yaml"
-        doc = render_policy(site, rekey=rekey, overrides=(overrides or {}).get(site))
+        doc = render_policy(site, rekey=rekey, overrides=(overrides or {}).get(site), kme_quirks=kme_quirks)
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         paths[site] = path
     try:
@@ -202,7 +235,13 @@ def write_payload(run_dir: Path, size: int) -> bytes:
 
 
 def kms_sim_argv(
-    python: str, run_dir: Path, site: str, *, rate: int = KME_RATE, admins: Sequence[str] = ()
+    python: str,
+    run_dir: Path,
+    site: str,
+    *,
+    rate: int = KME_RATE,
+    admins: Sequence[str] = (),
+    quirks: Sequence[str] = (),
 ) -> list[str]:
     """Return the ``qgate kms-sim`` command of ``site``'s KME (run in that gateway's namespace).
 
@@ -212,6 +251,8 @@ def kms_sim_argv(
         site: ``a`` or ``b``.
         rate: simulated QKD key rate, bits per second.
         admins: client certificate CNs allowed to inject faults (``--admin``, e.g. :data:`ADMIN_CN`).
+        quirks: KME product quirks (``--quirk``, names of ``qgate.kms.quirks.QUIRKS``; checked
+            by kms-sim).
     """
     info, peer = SITES[site], SITES[SITES[site]["peer"]]
     pki = run_dir / "pki"
@@ -225,6 +266,7 @@ def kms_sim_argv(
         "--rate", str(rate), "--max-key-count", "1000",
         "--sae", info["sae"], "--peer-sae", peer["sae"],
         *(arg for cn in admins for arg in ("--admin", cn)),
+        *(arg for name in quirks for arg in ("--quirk", name)),
     ]  # fmt: skip
 
 
@@ -235,4 +277,5 @@ def gateway_argv(python: str, run_dir: Path, site: str) -> list[str]:
         "--stats-file", str(run_dir / f"stats-{site}.json"),
         "--socket", str(run_dir / f"control-{site}.sock"),
         "--audit-log", str(run_dir / f"audit-{site}.jsonl"),
+        "--log-level", "debug",  # every KME retry's event too (drills count them); info: once a streak
     ]  # fmt: skip

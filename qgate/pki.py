@@ -6,6 +6,12 @@ ways (serverAuth for SAEs and the peer KME, clientAuth toward the peer KME) and 
 (127.0.0.1 always) plus DNS ``localhost``; SAE certificates are clientAuth only. Private keys and
 the QKD link secret are written with mode 0600. For labs and tests only: no revocation, no
 key protection beyond file modes.
+
+Options shaped after deployments (all off by default; the default output is one CA signing
+every leaf directly): KME server certificates without subjectAltName (the ``no-san`` KME quirk,
+:mod:`qgate.kms.quirks`), SAE certificates from a second CA (``client-ca.pem``) that does not
+sign the KME servers, and an intermediate CA under each root, the leaf files then holding the
+chain ``leaf || intermediate`` (PEM, RFC 5246 section 7.4.2 order).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -38,6 +45,21 @@ CLOCK_SKEW: Final = datetime.timedelta(days=2)
 (a gateway whose wall clock steps back past a KME certificate's start loses its QKD keys)."""
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """KME and SAE IDs: 1-64 characters, safe in a URL path segment and as a file name."""
+CA_CN: Final = "qgate lab CA"
+CLIENT_CA_CN: Final = "qgate lab client CA"
+INTERMEDIATE_CN: Final = "qgate lab intermediate CA"
+CLIENT_INTERMEDIATE_CN: Final = "qgate lab client intermediate CA"
+
+_IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class _Issuer:
+    """A CA that signs leaves: its key, its certificate, and the PEM chain sent after a leaf."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    chain: bytes = b""
 
 
 def make_pki(
@@ -46,6 +68,9 @@ def make_pki(
     kmes: Mapping[str, Sequence[str]],
     saes: Sequence[str],
     force: bool = False,
+    no_san_kmes: Collection[str] = (),
+    client_ca: bool = False,
+    intermediate: bool = False,
 ) -> None:
     """Create a lab CA and one certificate per KME and SAE in ``out_dir``.
 
@@ -59,15 +84,85 @@ def make_pki(
             added.
         saes: SAE IDs.
         force: overwrite existing files instead of refusing.
+        no_san_kmes: KMEs (among ``kmes``) whose certificate has no subjectAltName at all,
+            CN only (its addresses are then unused): the ``no-san`` KME quirk, where clients
+            must pin the server by CN or SHA-256 fingerprint.
+        client_ca: issue the SAE certificates from a second CA, ``client-ca.{pem,key}`` (CN
+            CLIENT_CA_CN), instead of ``ca.pem``, which then signs the KMEs only; also writes
+            ``ca-bundle.pem`` (``ca.pem`` then ``client-ca.pem``): what a KME trusts
+            (``kms-sim --ca``), while SAEs trust ``ca.pem``.
+        intermediate: put an intermediate CA under each root, ``intermediate.{pem,key}``
+            under ``ca.pem`` (and ``client-intermediate.{pem,key}`` under ``client-ca.pem``),
+            sign the leaves with it and write each ``<ID>.pem`` as the chain
+            ``leaf || intermediate``; the roots then allow one intermediate (pathLen 1).
 
     Raises:
-        ConfigError: an ID is invalid or repeated, an IP address is invalid, a file exists and
+        ConfigError: an ID is invalid or repeated or clashes with a CA file name, a
+            ``no_san_kmes`` entry is no KME, an IP address is invalid, a file exists and
             ``force`` is false, or writing fails.
     """
     ids = [*kmes, *saes]
     _check_ids(ids)
+    stray = sorted(set(no_san_kmes) - set(kmes))
+    if stray:
+        raise ConfigError(f"no_san_kmes names no KME: {', '.join(stray)}")
     sans = {kme: _ip_sans(kme, addrs) for kme, addrs in kmes.items()}
-    names = ["ca.pem", "ca.key", "link.secret"] + [f"{i}{ext}" for i in ids for ext in (".pem", ".key")]
+    cas = _ca_stems(client_ca=client_ca, intermediate=intermediate)
+    names = [f"{stem}{ext}" for stem in cas for ext in (".pem", ".key")] + ["link.secret"]
+    names += ["ca-bundle.pem"] if client_ca else []
+    clash = sorted(set(cas) & set(ids))
+    if clash:
+        raise ConfigError(f"IDs {', '.join(clash)} clash with the CA files of this PKI")
+    names += [f"{i}{ext}" for i in ids for ext in (".pem", ".key")]
+    _prepare(out_dir, names, force=force)
+    now = datetime.datetime.now(datetime.UTC)
+    kme_issuer, sae_issuer = _write_cas(out_dir, now, client_ca=client_ca, intermediate=intermediate)
+    for entity in ids:
+        key = ec.generate_private_key(ec.SECP256R1())
+        issuer = kme_issuer if entity in kmes else sae_issuer
+        general = (
+            None if entity not in kmes else [] if entity in no_san_kmes else _general_names(sans[entity])
+        )
+        cert = _leaf_certificate(entity, key.public_key(), issuer, now, general)
+        pem = cert.public_bytes(serialization.Encoding.PEM) + issuer.chain
+        _write(out_dir / f"{entity}.pem", pem, private=False)
+        _write(out_dir / f"{entity}.key", _key_pem(key), private=True)
+    _write(out_dir / "link.secret", secrets.token_bytes(LINK_SECRET_SIZE), private=True)
+    log.info("lab PKI written to %s: KMEs %s, SAEs %s", out_dir, sorted(kmes), list(saes))
+
+
+def _ca_stems(*, client_ca: bool, intermediate: bool) -> list[str]:
+    """File stems of the CAs written (``ca`` first)."""
+    stems = ["ca", *(["intermediate"] if intermediate else [])]
+    if client_ca:
+        stems += ["client-ca", *(["client-intermediate"] if intermediate else [])]
+    return stems
+
+
+def _write_cas(
+    out_dir: Path, now: datetime.datetime, *, client_ca: bool, intermediate: bool
+) -> tuple[_Issuer, _Issuer]:
+    """Write the CAs (see :func:`make_pki`); return the issuers of the KME and the SAE leaves."""
+    path_length = 1 if intermediate else 0
+    root = _write_ca(out_dir, "ca", CA_CN, now, path_length=path_length)
+    kme_issuer = root
+    if intermediate:
+        kme_issuer = _write_ca(out_dir, "intermediate", INTERMEDIATE_CN, now, parent=root)
+    if not client_ca:
+        return kme_issuer, kme_issuer
+    client_root = _write_ca(out_dir, "client-ca", CLIENT_CA_CN, now, path_length=path_length)
+    sae_issuer = client_root
+    if intermediate:
+        sae_issuer = _write_ca(
+            out_dir, "client-intermediate", CLIENT_INTERMEDIATE_CN, now, parent=client_root
+        )
+    bundle = [c.public_bytes(serialization.Encoding.PEM) for c in (root.cert, client_root.cert)]
+    _write(out_dir / "ca-bundle.pem", b"".join(bundle), private=False)
+    return kme_issuer, sae_issuer
+
+
+def _prepare(out_dir: Path, names: Sequence[str], *, force: bool) -> None:
+    """Create ``out_dir``; unless ``force``, refuse when one of ``names`` exists there."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -76,18 +171,24 @@ def make_pki(
         existing = [n for n in names if (out_dir / n).exists()]
         if existing:
             raise ConfigError(f"{out_dir}: would overwrite {', '.join(existing)} (use --force)")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _ca_certificate(ca_key, now)
-    _write(out_dir / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    _write(out_dir / "ca.key", _key_pem(ca_key), private=True)
-    for entity in ids:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _leaf_certificate(entity, key.public_key(), ca_key, ca_cert, now, sans.get(entity))
-        _write(out_dir / f"{entity}.pem", cert.public_bytes(serialization.Encoding.PEM), private=False)
-        _write(out_dir / f"{entity}.key", _key_pem(key), private=True)
-    _write(out_dir / "link.secret", secrets.token_bytes(LINK_SECRET_SIZE), private=True)
-    log.info("lab PKI written to %s: KMEs %s, SAEs %s", out_dir, sorted(kmes), list(saes))
+
+
+def _write_ca(
+    out_dir: Path,
+    stem: str,
+    common_name: str,
+    now: datetime.datetime,
+    *,
+    path_length: int = 0,
+    parent: _Issuer | None = None,
+) -> _Issuer:
+    """Make a CA (a root, or an intermediate with pathLen 0 under ``parent``); write ``<stem>.{pem,key}``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _ca_certificate(key, now, common_name=common_name, path_length=path_length, parent=parent)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    _write(out_dir / f"{stem}.pem", pem, private=False)
+    _write(out_dir / f"{stem}.key", _key_pem(key), private=True)
+    return _Issuer(key, cert, pem if parent is not None else b"")
 
 
 def _check_ids(ids: Sequence[str]) -> None:
@@ -98,8 +199,8 @@ def _check_ids(ids: Sequence[str]) -> None:
         raise ConfigError(f"KME and SAE IDs must be distinct: {list(ids)}")
 
 
-def _ip_sans(kme: str, addrs: Sequence[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    result: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ipaddress.IPv4Address("127.0.0.1")]
+def _ip_sans(kme: str, addrs: Sequence[str]) -> list[_IpAddress]:
+    result: list[_IpAddress] = [ipaddress.IPv4Address("127.0.0.1")]
     for addr in addrs:
         try:
             ip = ipaddress.ip_address(addr)
@@ -110,10 +211,25 @@ def _ip_sans(kme: str, addrs: Sequence[str]) -> list[ipaddress.IPv4Address | ipa
     return result
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey, now: datetime.datetime) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qgate lab CA")])
-    builder = _base_builder(name, name, key.public_key(), now)
-    builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+def _general_names(ip_sans: Sequence[_IpAddress]) -> list[x509.GeneralName]:
+    """subjectAltName entries of a KME: DNS ``localhost``, then its IP addresses."""
+    general: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    return general + [x509.IPAddress(ip) for ip in ip_sans]
+
+
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    now: datetime.datetime,
+    *,
+    common_name: str = CA_CN,
+    path_length: int = 0,
+    parent: _Issuer | None = None,
+) -> x509.Certificate:
+    """A root CA certificate (self-signed), or an intermediate one signed by ``parent``."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    issuer_name = name if parent is None else parent.cert.subject
+    builder = _base_builder(name, issuer_name, key.public_key(), now)
+    builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
     builder = builder.add_extension(
         x509.KeyUsage(
             digital_signature=False,
@@ -131,19 +247,24 @@ def _ca_certificate(key: ec.EllipticCurvePrivateKey, now: datetime.datetime) -> 
     builder = builder.add_extension(
         x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
     )
-    return builder.sign(key, hashes.SHA256())
+    if parent is None:
+        return builder.sign(key, hashes.SHA256())
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False
+    )
+    return builder.sign(parent.key, hashes.SHA256())
 
 
 def _leaf_certificate(
     entity: str,
     public_key: ec.EllipticCurvePublicKey,
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
+    issuer: _Issuer,
     now: datetime.datetime,
-    ip_sans: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address] | None,
+    server_names: Sequence[x509.GeneralName] | None,
 ) -> x509.Certificate:
+    """A leaf: a KME (``server_names`` given; empty: no subjectAltName) or an SAE (None)."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, entity)])
-    builder = _base_builder(subject, ca_cert.subject, public_key, now)
+    builder = _base_builder(subject, issuer.cert.subject, public_key, now)
     builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
     builder = builder.add_extension(
         x509.KeyUsage(
@@ -160,16 +281,15 @@ def _leaf_certificate(
         critical=True,
     )
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if ip_sans is not None:  # a KME: server toward SAEs and the peer, client toward the peer
+    if server_names is not None:  # a KME: server toward SAEs and the peer, client toward the peer
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-        general: list[x509.GeneralName] = [x509.DNSName("localhost")]
-        general += [x509.IPAddress(ip) for ip in ip_sans]
-        builder = builder.add_extension(x509.SubjectAlternativeName(general), critical=False)
+        if server_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(server_names), critical=False)
     builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
     )
-    return builder.sign(ca_key, hashes.SHA256())
+    return builder.sign(issuer.key, hashes.SHA256())
 
 
 def _base_builder(

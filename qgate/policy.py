@@ -24,21 +24,25 @@ from qgate.policy_schema import (
     AliasRefused,
     Boolean,
     Choice,
+    CipherList,
     Context,
     Default,
     Field,
     FieldDoc,
     FilePath,
+    HostName,
     HttpsUrl,
     Incomplete,
     Integer,
     Interface,
     IPAddress,
     Networks,
+    NumberedChoice,
     PolicyYamlLoader,
     Real,
     Section,
     SectionList,
+    Sha256Fingerprint,
     SocketAddress,
     Text,
     Values,
@@ -60,6 +64,7 @@ __all__ = [
     "PpkPolicy",
     "QkdRole",
     "RekeyPolicy",
+    "TlsVersion",
     "TunPolicy",
     "describe_schema",
     "load_policy",
@@ -72,6 +77,7 @@ T = TypeVar("T")
 KemName = Literal["ml-kem-768", "ml-kem-1024"]
 FailMode = Literal["qkd_and_pqc", "pqc_only_if_qkd_down"]
 QkdRole = Literal["master", "slave"]
+TlsVersion = Literal["1.2", "1.3"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -112,6 +118,17 @@ class KmePolicy:
         cert: PEM client certificate of this SAE.
         key: PEM private key of ``cert``.
         timeout: seconds per HTTPS request (0.1-60, default 5).
+        tls_min_version: lowest TLS version offered, ``"1.2"`` (default) or ``"1.3"``.
+        tls_ciphers: OpenSSL cipher list for TLS 1.2; None (default) = qgate's secure set (ECDHE
+            with AES-GCM or ChaCha20-Poly1305). TLS 1.3 suites are always OpenSSL's defaults.
+        server_name: the name the KME's certificate must match instead of the URL host (and the
+            SNI sent), or None.
+        server_cn: pin: the KME certificate's subject CN must equal this, or None.
+        server_sha256: pin: SHA-256 of the KME's leaf certificate (DER) as 64 lowercase hex
+            digits (normalized at load), or None. A pin replaces the name check; the chain is
+            always verified against ``ca``.
+        client_ca: PEM file of the CA that issued ``cert`` when it is not ``ca`` (``qgate check``
+            verifies ``cert`` against it), or None.
     """
 
     url: str
@@ -120,6 +137,12 @@ class KmePolicy:
     cert: Path
     key: Path
     timeout: float = 5.0
+    tls_min_version: TlsVersion = "1.2"
+    tls_ciphers: str | None = None
+    server_name: str | None = None
+    server_cn: str | None = None
+    server_sha256: str | None = None
+    client_ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +306,67 @@ KME_KEY: Final = Field("key", FilePath(), "PEM private key of cert")
 KME_TIMEOUT: Final = Field(
     "timeout", Real(0.1, 60.0, "seconds"), "limit per HTTPS request", KmePolicy.timeout
 )
+KME_TLS_MIN_VERSION: Final = Field(
+    "tls_min_version",
+    NumberedChoice(
+        cast("tuple[TlsVersion, ...]", get_args(TlsVersion)),
+        refused={v: "is not allowed: TLS 1.0 and 1.1 are deprecated (RFC 8996)" for v in ("1.0", "1.1")},
+    ),
+    "lowest TLS version offered to the KME (TLS 1.3 is always offered)",
+    KmePolicy.tls_min_version,
+)
+KME_TLS_CIPHERS: Final[Field[str | None]] = Field(
+    "tls_ciphers",
+    CipherList(),
+    "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are always OpenSSL's defaults); allowing non-AEAD"
+    " (CBC) suites is a downgrade, logged as a warning at start",
+    KmePolicy.tls_ciphers,
+    "ECDHE with AES-GCM or ChaCha20-Poly1305 only",
+    rule='only with tls_min_version "1.2"',
+)
+KME_SERVER_NAME: Final[Field[str | None]] = Field(
+    "server_name",
+    HostName(),
+    "name the KME's server certificate must match instead of the URL host (also sent as SNI)",
+    KmePolicy.server_name,
+    "the URL host",
+)
+_CN_BOUNDS: Final = "1-64 characters, no control characters, no space at either end"
+KME_SERVER_CN: Final[Field[str | None]] = Field(
+    "server_cn",
+    Text(r"[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,62}[^\s\x00-\x1f\x7f])?", _CN_BOUNDS),
+    "pin: the KME certificate's subject CN must equal this; replaces the name check (the chain is still"
+    " verified against ca), so a certificate without subjectAltName works",
+    KmePolicy.server_cn,
+)
+KME_SERVER_SHA256: Final[Field[str | None]] = Field(
+    "server_sha256",
+    Sha256Fingerprint(),
+    "pin: SHA-256 of the KME's leaf certificate (DER); replaces the name check (the chain is still"
+    " verified against ca)",
+    KmePolicy.server_sha256,
+)
+KME_CLIENT_CA: Final[Field[Path | None]] = Field(
+    "client_ca",
+    FilePath(),
+    "PEM CA that issued cert, when it is not ca (qgate check verifies cert against it)",
+    KmePolicy.client_ca,
+    "ca",
+)
+_KME_FIELDS: Final[tuple[Field[object], ...]] = (
+    KME_URL,
+    KME_SAE_ID,
+    KME_CA,
+    KME_CERT,
+    KME_KEY,
+    KME_TIMEOUT,
+    KME_TLS_MIN_VERSION,
+    KME_TLS_CIPHERS,
+    KME_SERVER_NAME,
+    KME_SERVER_CN,
+    KME_SERVER_SHA256,
+    KME_CLIENT_CA,
+)
 
 REKEY_INTERVAL: Final = Field(
     "interval", _SECONDS, "QKD ratchet period: a fresh QKD key is mixed in this often", RekeyPolicy.interval
@@ -401,9 +485,7 @@ _PEER_FIELDS: Final[tuple[Field[object], ...]] = (
 )
 
 TOP_GATEWAY: Final = Field("gateway", Section((GW_NAME, GW_IDENTITY, GW_LISTEN, GW_TUN)), "this gateway")
-TOP_KME: Final = Field(
-    "kme", Section((KME_URL, KME_SAE_ID, KME_CA, KME_CERT, KME_KEY, KME_TIMEOUT)), "the local KME"
-)
+TOP_KME: Final = Field("kme", Section(_KME_FIELDS), "the local KME")
 TOP_PEERS: Final = Field("peers", SectionList(_PEER_FIELDS), "peer gateways, one or more")
 METRICS_LISTEN: Final = Field(
     "listen",
@@ -579,6 +661,10 @@ def _tun(values: Values | None) -> TunPolicy:
 
 
 def _kme(values: Values, ctx: Context) -> KmePolicy:
+    version = values.value(KME_TLS_MIN_VERSION)
+    if version == "1.3" and values.peek(KME_TLS_CIPHERS) is not None:
+        message = 'has no effect with tls_min_version "1.3" (TLS 1.3 suites are OpenSSL defaults)'
+        ctx.add(values.node_of(KME_TLS_CIPHERS), values.path_of(KME_TLS_CIPHERS), message)
     return KmePolicy(
         url=values.value(KME_URL),
         sae_id=values.value(KME_SAE_ID),
@@ -586,6 +672,12 @@ def _kme(values: Values, ctx: Context) -> KmePolicy:
         cert=values.value(KME_CERT),
         key=values.value(KME_KEY),
         timeout=values.value(KME_TIMEOUT),
+        tls_min_version=version,
+        tls_ciphers=values.value(KME_TLS_CIPHERS),
+        server_name=values.value(KME_SERVER_NAME),
+        server_cn=values.value(KME_SERVER_CN),
+        server_sha256=values.value(KME_SERVER_SHA256),
+        client_ca=values.value(KME_CLIENT_CA),
     )
 
 

@@ -17,6 +17,7 @@ import enum
 import ipaddress
 import math
 import re
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -506,6 +507,115 @@ def _is_host(host: str, *, bracketed: bool) -> bool:
     except ValueError:
         return not bracketed and _is_dns_name(host)
     return bracketed == (address.version == 6)
+
+
+# --- Kinds of the kme: TLS settings ------------------------------------------------------------
+
+_SHA256_HEX: Final = re.compile(r"[0-9A-Fa-f]{64}|(?:[0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}")
+_CIPHER_TEXT: Final = re.compile(r"[A-Za-z0-9+!@=._:,-]{1,1024}")
+
+
+def normalize_sha256(text: str) -> str | None:
+    """Return a SHA-256 fingerprint as 64 lowercase hex digits, or None when ``text`` is not one.
+
+    Accepts 64 hex digits, or 32 hex bytes joined by colons (``AB:CD:...``), in any case.
+    """
+    text = text.strip()
+    return text.replace(":", "").lower() if _SHA256_HEX.fullmatch(text) else None
+
+
+def cipher_list_problem(text: str) -> str:
+    """Say why ``text`` is not a usable OpenSSL cipher list for TLS 1.2, or return "".
+
+    Every name in it must be one OpenSSL knows (OpenSSL itself skips unknown ones silently),
+    the whole must select at least one TLS 1.2 suite, and none without encryption or
+    authentication (eNULL, aNULL).
+    """
+    if not _CIPHER_TEXT.fullmatch(text):
+        return "must be 1-1024 characters of A-Z a-z 0-9 + - ! @ = . _ : ,"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for token in re.split(r"[:,]", text):
+        name = token.lstrip("!-+")
+        try:
+            if name and not name.startswith("@"):
+                context.set_ciphers(name)
+        except ssl.SSLError:
+            return f"{shown(token)} names no cipher or rule OpenSSL knows"
+    try:
+        context.set_ciphers(text)
+    except ssl.SSLError:
+        return "selects no cipher"
+    suites = [c for c in context.get_ciphers() if c["protocol"] != "TLSv1.3"]
+    if not suites:
+        return "selects no TLS 1.2 cipher suite"
+    bare = [c["name"] for c in suites if c["symmetric"] is None or c["auth"] == "auth-null"]
+    if bare:
+        return f"selects suites without encryption or authentication: {bare[0]}; add !eNULL:!aNULL"
+    return ""
+
+
+class CipherList(Kind[str]):
+    """An OpenSSL cipher list for TLS 1.2 (``ECDHE+AESGCM:ECDHE-ECDSA-AES256-SHA``)."""
+
+    type_name = "string"
+    bounds = "OpenSSL cipher list selecting TLS 1.2 suites, none without encryption or authentication"
+
+    def convert(self, node: yaml.Node, path: str, ctx: Context) -> str | Literal[Bad.BAD]:
+        text = scalar_text(node, path, ctx, 'an OpenSSL cipher list like "ECDHE+AESGCM"')
+        if text is None:
+            return BAD
+        problem = cipher_list_problem(text.strip())
+        if problem:
+            ctx.add(node, path, f"{shown(text)}: {problem}")
+            return BAD
+        return text.strip()
+
+
+class Sha256Fingerprint(Kind[str]):
+    """A SHA-256 fingerprint, returned as 64 lowercase hex digits (see :func:`normalize_sha256`)."""
+
+    type_name = "string"
+    unit = "hex"
+    bounds = "SHA-256: 64 hex digits, or 32 hex bytes joined by colons; any case"
+
+    def convert(self, node: yaml.Node, path: str, ctx: Context) -> str | Literal[Bad.BAD]:
+        # Unquoted, ``12:34:...`` is a YAML 1.1 sexagesimal integer: its source text is what counts.
+        if not isinstance(node, yaml.ScalarNode) or node.tag not in (STR_TAG, INT_TAG, FLOAT_TAG):
+            ctx.add(node, path, f"expected a SHA-256 fingerprint, got {describe(node)}")
+            return BAD
+        digest = normalize_sha256(str(node.value))
+        if digest is None:
+            ctx.add(node, path, f"must be {self.bounds}, got {shown(str(node.value))}")
+            return BAD
+        return digest
+
+
+class HostName(Kind[str]):
+    """A DNS name or a literal IP address (no brackets, no port)."""
+
+    type_name = "string"
+    bounds = "DNS name or literal IP address"
+
+    def convert(self, node: yaml.Node, path: str, ctx: Context) -> str | Literal[Bad.BAD]:
+        text = scalar_text(node, path, ctx, "a DNS name or IP address")
+        if text is None:
+            return BAD
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            if not _is_dns_name(text):
+                ctx.add(node, path, f"must be a {self.bounds}, got {shown(text)}")
+                return BAD
+        return text
+
+
+class NumberedChoice(Choice[T_co]):
+    """A :class:`Choice` of version-like strings that may also be written unquoted (``1.3``)."""
+
+    def convert(self, node: yaml.Node, path: str, ctx: Context) -> T_co | Literal[Bad.BAD]:
+        if isinstance(node, yaml.ScalarNode) and node.tag in (INT_TAG, FLOAT_TAG):
+            node = yaml.ScalarNode(STR_TAG, node.value, node.start_mark, node.end_mark)
+        return super().convert(node, path, ctx)
 
 
 class Field(Generic[T_co]):

@@ -418,7 +418,7 @@ def test_lab_init_writes_pki_identities_and_policies_qgate_check_accepts(lab_dir
     for site in ("a", "b"):
         assert stat.S_IMODE((lab_dir / "keys" / f"site-{site}.key").stat().st_mode) == 0o600
         result = subprocess.run(
-            [str(QGATE), "check", str(lab_dir / f"site-{site}.yaml")],
+            [str(QGATE), "check", "--no-connect", str(lab_dir / f"site-{site}.yaml")],
             capture_output=True,
             text=True,
             check=False,
@@ -569,7 +569,7 @@ def test_systemd_unit_runs_check_up_and_reload_with_only_net_admin() -> None:
             service.setdefault(key, []).append(value)
     assert {section for section, _, _ in entries} == {"Unit", "Service", "Install"}
     assert service["Type"] == ["simple"]
-    assert service["ExecStartPre"] == ["/opt/qgate/venv/bin/qgate check ${QGATE_POLICY}"]
+    assert service["ExecStartPre"] == ["/opt/qgate/venv/bin/qgate check --no-connect ${QGATE_POLICY}"]
     assert service["ExecStart"][0].startswith(
         "/opt/qgate/venv/bin/qgate up ${QGATE_POLICY} --audit-log /var/lib/"
     )

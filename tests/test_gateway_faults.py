@@ -76,7 +76,7 @@ def test_sae_certificate_from_another_ca_keeps_the_tunnel_down_with_a_clear_erro
             shutil.copy(tmp_path / "rogue" / f"SAE_A{suffix}", lab.run_dir / "pki" / f"SAE_A{suffix}")
         lab.start_kmes()
         gw_b, gw_a = lab.start_gateways()
-        assert _wait_for(lambda: "qkd_request_failed" in _log(gw_a), timeout=15), _log(gw_a)
+        assert _wait_for(lambda: "TLS failed" in _log(gw_a), timeout=15), _log(gw_a)
         assert not _ping(lab)
         log_a = _log(gw_a)
         assert "TLS" in log_a or "certificate" in log_a, log_a
@@ -88,7 +88,7 @@ def test_kme_down_at_start_is_retried_and_junk_udp_is_counted_and_dropped() -> N
     with Lab() as lab:
         _prepare(lab)
         _gw_b, gw_a = lab.start_gateways()  # no KME yet
-        assert _wait_for(lambda: "qkd_request_failed" in _log(gw_a), timeout=15), _log(gw_a)
+        assert _wait_for(lambda: "retrying with backoff" in _log(gw_a), timeout=15), _log(gw_a)
         lab.kids.check_alive(gw_a)
         assert "Traceback" not in _log(gw_a)
         assert "retry" in _log(gw_a)

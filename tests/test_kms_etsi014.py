@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qgate.crypto.secret import Secret
-from qgate.errors import KmsBadAnswerError
+from qgate.errors import KmsBadAnswerError, KmsExhaustedError
 from qgate.kms import etsi014
 from qgate.kms.etsi014 import QkdKey, Status
 
@@ -119,9 +119,20 @@ def test_parse_enc_keys_accepts_spec_extensions_as_objects() -> None:
     assert etsi014.parse_enc_keys(answer, number=1, size_bits=256)[0].key_id == ID1
 
 
-def test_parse_enc_keys_rejects_fewer_keys_than_asked() -> None:
-    with pytest.raises(KmsBadAnswerError, match="asked for 2 keys, got 1"):
-        etsi014.parse_enc_keys(container((ID1, KEY1)), number=2, size_bits=256)
+def test_parse_enc_keys_returns_a_short_answer() -> None:  # issue 11: fewer keys than asked are kept
+    keys = etsi014.parse_enc_keys(container((ID1, KEY1)), number=2, size_bits=256)
+    assert [k.key_id for k in keys] == [ID1]
+
+
+def test_parse_enc_keys_rejects_more_keys_than_asked() -> None:
+    with pytest.raises(KmsBadAnswerError, match="asked for 1 keys, got 2"):
+        etsi014.parse_enc_keys(container((ID1, KEY1), (ID2, KEY2)), number=1, size_bits=256)
+
+
+def test_parse_enc_keys_without_any_key_is_exhausted() -> None:
+    with pytest.raises(KmsExhaustedError, match="no key") as info:
+        etsi014.parse_enc_keys(body({"keys": []}), number=2, size_bits=256)
+    assert info.value.status == 200 and not isinstance(info.value, KmsBadAnswerError)
 
 
 def test_parse_enc_keys_rejects_size_counted_in_bytes() -> None:
@@ -270,7 +281,7 @@ def test_parsers_raise_only_bad_answer_on_random_bytes(data: bytes) -> None:
         lambda: etsi014.parse_enc_keys(data, number=1, size_bits=256),
         lambda: etsi014.parse_dec_keys(data, key_ids=[ID1]),
     ):
-        with contextlib.suppress(KmsBadAnswerError):
+        with contextlib.suppress(KmsBadAnswerError, KmsExhaustedError):  # Exhausted: '{"keys":[]}'
             parse()
     etsi014.parse_error_body(data)
 
@@ -297,7 +308,7 @@ def test_key_container_parser_raises_only_bad_answer_on_random_json(obj: dict[st
     data = json.dumps(obj).encode()
     try:
         keys = etsi014.parse_enc_keys(data, number=1, size_bits=256)
-    except KmsBadAnswerError:
+    except (KmsBadAnswerError, KmsExhaustedError):  # Exhausted: a valid container with no key
         return
     assert len(keys) == 1 and keys[0].size_bits == 256
 

@@ -298,7 +298,7 @@ def keys_body(*entries: tuple[str, bytes]) -> bytes:
         (422, b'{"detail": "x"}', KmsBadAnswerError),
         (200, b"{not json", KmsBadAnswerError),
         (200, b"", KmsBadAnswerError),
-        (200, keys_body(("id-1", bytes(32))), KmsBadAnswerError),  # one key, two asked
+        (200, keys_body(("id-1", bytes(32)), ("id-2", bytes(32)), ("id-3", bytes(32))), KmsBadAnswerError),
         (200, keys_body(("id-1", bytes(64)), ("id-2", bytes(64))), KmsBadAnswerError),  # size in bytes
         (200, keys_body(("id-1", bytes(32)), ("id-1", bytes(32))), KmsBadAnswerError),  # duplicate IDs
     ],
@@ -312,6 +312,12 @@ def test_client_maps_kme_answers_to_typed_errors(
         client.enc_keys("SAE_B", number=2, size_bits=256)
     if isinstance(info.value, KmsBadAnswerError):
         assert info.value.status == status
+
+
+def test_client_keeps_the_keys_of_a_short_answer(canned: tuple[Canned, Etsi014Client]) -> None:
+    fake, client = canned
+    fake.answer = (200, keys_body(("id-1", bytes(32))))  # one key, two asked
+    assert [k.key_id for k in client.enc_keys("SAE_B", number=2, size_bits=256)] == ["id-1"]
 
 
 def test_client_reports_kme_message_and_status(canned: tuple[Canned, Etsi014Client]) -> None:

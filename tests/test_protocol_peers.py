@@ -127,7 +127,9 @@ class Pair:
                     elif isinstance(action, FetchDecKeys):
                         got = self.kme.dec(action.key_ids)
                         if got is None:
-                            me.keys_failed(action.request_id, "key_IDs unknown or used", self.now)
+                            me.keys_failed(
+                                action.request_id, "key_IDs unknown or used", self.now, rejected=True
+                            )
                         else:
                             me.keys_fetched(action.request_id, got, self.now)
                     elif isinstance(action, ProbeKme):  # the KME's status answer: local evidence
@@ -316,3 +318,37 @@ def test_master_restart_is_healed_by_a_fresh_handshake_with_fresh_keys() -> None
     assert pair.send_both_ways(b"after restart") == (b"after restart", b"after restart")
     new = pair.master.epochs.current
     assert new is not None and new.my_index != old.my_index and new.send_counter >= 1
+
+
+def test_key_ids_the_slaves_kme_refuses_reach_the_master_as_rejected_and_are_replaced() -> None:
+    pair = Pair(interval=0.5)
+    pair.run(0.3)
+    assert pair.master.established
+    real_enc = pair.kme.enc
+    superseded: list[str] = []
+
+    def enc_then_forget(number: int, bits: int) -> list[tuple[str, Secret]]:
+        keys = real_enc(number, bits)
+        if not superseded:  # the KME drops this key before the slave asks (a replace-on-enc KME)
+            superseded.extend(k for k, _ in keys)
+            for key_id, _ in keys:
+                pair.kme.store.pop(key_id)
+        return keys
+
+    pair.kme.enc = enc_then_forget  # type: ignore[method-assign]
+    pair.run(2.0)
+    unused = [e for e in pair.events if e.kind == "qkd_keys_unused"]
+    assert [(e.detail["key_ids"], e.detail["cause"]) for e in unused] == [(superseded[0], "rejected")]
+    assert pair.master.epochs.current is not None and superseded[0] not in pair.master.epochs.current.key_ids
+    got_s, got_m = pair.send_both_ways(b"still up")
+    assert got_s == got_m == b"still up"
+
+
+def test_a_slave_kme_that_cannot_serve_is_reported_as_unavailable_not_rejected() -> None:
+    pair = Pair(interval=0.5)
+    pair.run(0.3)
+    pair.kme.slave_down = True
+    pair.run(1.5)
+    pair.kme.slave_down = False
+    unused = [e for e in pair.events if e.kind == "qkd_keys_unused"]
+    assert unused and {e.detail["cause"] for e in unused} == {"unavailable"}

@@ -7,6 +7,7 @@ import click
 from qgate import __version__
 from qgate.cli.audit import audit
 from qgate.cli.gateway import check, down, keygen, schema, status, up
+from qgate.cli.kme import kme
 from qgate.cli.kms import kms_sim, pki
 from qgate.cli.lab import lab
 from qgate.constants import PROTOCOL_VERSION
@@ -28,6 +29,7 @@ main.add_command(status)
 main.add_command(check)
 main.add_command(schema)
 main.add_command(keygen)
+main.add_command(kme)
 main.add_command(kms_sim)
 main.add_command(pki)
 main.add_command(lab)

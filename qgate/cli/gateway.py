@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qgate.cli.common import LOG_FORMATS, LOG_LEVELS, fail, setup_logging
 from qgate.errors import QgateError
+
+if TYPE_CHECKING:
+    from qgate.policy import GatewayPolicy
 
 
 @click.command()
@@ -53,8 +58,10 @@ def up(
     setup_logging(log_level, log_format)
     try:
         harden_process()  # before any key is read: no core dumps, no ptrace by the same uid
+        policy = load_policy(policy_file)
+        _check_kme_credentials(policy)
         run_gateway(
-            load_policy(policy_file),
+            policy,
             stats_file=stats_file,
             audit_log=audit_log,
             control_socket=control_socket,
@@ -64,22 +71,61 @@ def up(
         fail(exc)
 
 
+def _check_kme_credentials(policy: GatewayPolicy) -> None:
+    """Run ``qgate check``'s SAE certificate file checks (no network): log warnings, raise on problems.
+
+    Raises:
+        CheckFailed: a certificate is expired or not yet valid, the key does not match, ...
+    """
+    from qgate.checks import CheckFailed, check_kme_credentials
+
+    log = logging.getLogger(__name__)
+    try:
+        warnings = check_kme_credentials(policy)
+    except CheckFailed as exc:
+        for warning in exc.warnings:
+            log.warning("%s", warning)
+        raise
+    for warning in warnings:
+        log.warning("%s", warning)
+
+
 @click.command()
 @click.argument("policy_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line on stdout.")
-def check(policy_file: Path, as_json: bool) -> None:
-    """Validate POLICY_FILE and the key files it names, with no side effects."""
-    from qgate.checks import check_policy_file
+@click.option(
+    "--warn-days",
+    type=click.IntRange(min=0),
+    default=30,  # qgate.certs.WARN_DAYS_DEFAULT, not imported here to keep the CLI start fast
+    show_default=True,
+    help="Warn about certificates expiring within this many days.",
+)
+@click.option(
+    "--no-connect",
+    is_flag=True,
+    help="Do not contact the KME (by default one TLS handshake, no HTTP request, fetches its certificate).",
+)
+def check(policy_file: Path, as_json: bool, warn_days: int, no_connect: bool) -> None:
+    """Validate POLICY_FILE, the key and certificate files it names and the KME's server certificate.
+
+    Problems fail the check (exit status 1); warnings (printed as ``warning: ...`` on stderr) do not.
+    """
+    from qgate.checks import CheckFailed, check_policy_file
 
     try:
-        summary = check_policy_file(policy_file)
+        summary = check_policy_file(policy_file, connect=not no_connect, warn_days=warn_days)
     except QgateError as exc:
+        warnings = exc.warnings if isinstance(exc, CheckFailed) else []
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
         if as_json:
-            click.echo(json.dumps({"ok": False, "error": str(exc)}))
+            click.echo(json.dumps({"ok": False, "error": str(exc), "warnings": warnings}))
         fail(exc)
         return
     for line in summary.lines():
         click.echo(line, err=as_json)
+    for warning in summary.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps({"ok": True, **summary.as_dict()}))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import click
 
 from qgate.cli.common import LOG_LEVELS, fail, setup_logging
 from qgate.errors import QgateError
+from qgate.kms.quirks import QUIRKS, check_quirks
 
 _FILE = click.Path(path_type=Path, dir_okay=False, exists=True, readable=True)
 
@@ -24,6 +26,16 @@ def _parse_listen(value: str) -> tuple[str, int]:
     if not sep or not 0 <= number <= 65535:
         raise click.BadParameter(f"expected IP:PORT, got {value!r}")
     return host, number
+
+
+def _check_quirks(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return check_quirks(value)
+    except QgateError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_QUIRK_TABLE = "\n".join(f"  {name:15} {text}" for name, text in QUIRKS.items())
 
 
 @click.command("kms-sim")
@@ -125,6 +137,14 @@ def _parse_listen(value: str) -> tuple[str, int]:
     "KME's port: GET|POST|DELETE /kme/v1/admin/faults, DELETE /kme/v1/admin/faults/ID. E.g. ADMIN "
     "from 'qgate pki --sae ADMIN', or the peer KME's ID. Default: nobody.",
 )
+@click.option(
+    "--quirk",
+    "quirks",
+    multiple=True,
+    metavar="NAME",
+    callback=_check_quirks,
+    help="Behave for good like a third-party KME product (repeat; names listed below).",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def kms_sim(
     kme_id: str,
@@ -149,6 +169,7 @@ def kms_sim(
     peer_saes: tuple[str, ...],
     faults: tuple[str, ...],
     admins: tuple[str, ...],
+    quirks: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Run one simulated ETSI GS QKD 014 KME in the foreground until SIGINT/SIGTERM.
@@ -175,6 +196,10 @@ def kms_sim(
       curl --cacert ca.pem --cert ADMIN.pem --key ADMIN.key https://127.0.0.1:8443/kme/v1/admin/faults \\
         -d '{"kind": "error", "code": 503, "endpoint": "enc_keys", "count": 2}'
       GET lists the faults, DELETE .../faults clears all, DELETE .../faults/ID one.
+
+    Quirks (--quirk NAME) are not events but permanent traits of the third-party ETSI 014 KMEs
+    deployments meet (each is logged at start; qgate.kms.quirks says what product behaviour it
+    copies; the peer KME is taken to be the same product):
     """
     from qgate.crypto.secret import Secret
     from qgate.kms.faults import parse_fault_option
@@ -207,10 +232,14 @@ def kms_sim(
             burst_bits=burst_bits,
             initial_key_count=initial_key_count,
             admins=admins,
+            quirks=quirks,
         )
         run_kme(config, listen=address, ca=ca, cert=cert, key=key, peer_url=peer_url, faults=fault_specs)
     except (QgateError, OSError) as exc:
         fail(exc)
+
+
+kms_sim.help = f"{inspect.cleandoc(kms_sim.help or '')}\n\n\b\n{_QUIRK_TABLE}"
 
 
 @click.command("pki")

@@ -20,6 +20,15 @@ def _need_root() -> None:
         raise click.ClickException(NOT_ROOT)
 
 
+def _check_quirks(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from qgate.kms.quirks import check_quirks
+
+    try:
+        return check_quirks(value)
+    except QgateError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group()
 def lab() -> None:
     """Two qgate sites in network namespaces on this machine (needs root)."""
@@ -38,6 +47,9 @@ def lab() -> None:
 @click.option("--no-tunnel", is_flag=True, help="Baseline: plain IP forwarding between the sites, no qgate.")
 @click.option("--no-offload", type=click.Choice(["a", "b", "both"]), default=None,
               help="Run gateway a, b or both on the plain data path (tun.offload: false).")  # fmt: skip
+@click.option("--kme-quirk", "kme_quirks", multiple=True, metavar="NAME", callback=_check_quirks,
+              help="Give both KMEs this product quirk (repeat; see `qgate kms-sim --help`); no-san "
+                   "and cbc-only also make the policies pin the KME by CN or allow a CBC suite.")  # fmt: skip
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 def run(
@@ -48,6 +60,7 @@ def run(
     pings: int,
     no_tunnel: bool,
     no_offload: str | None,
+    kme_quirks: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Build the lab, start KMEs and gateways, send traffic, capture the WAN, check it, tear down.
@@ -63,7 +76,7 @@ def run(
 
         plain = ("a", "b") if no_offload == "both" else (no_offload,) if no_offload else ()
         opts = LabOptions(transfer_mb=transfer_mb, seconds=seconds, pings=pings, tunnel=not no_tunnel,
-                          keep=keep, no_offload=plain)  # fmt: skip
+                          keep=keep, no_offload=plain, kme_quirks=kme_quirks)  # fmt: skip
         result = run_lab(opts)
     except KeyboardInterrupt:
         click.echo(f"lab run interrupted; {'kept' if keep else 'torn down'}", err=True)

@@ -16,16 +16,38 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote, urlsplit
 
 from qgate.constants import ETSI014_API_PREFIX, QKD_KEY_BITS_DEFAULT
-from qgate.errors import ConfigError, KmsAuthError, KmsBadAnswerError, KmsUnavailableError
+from qgate.errors import ConfigError, KmsBadAnswerError, KmsTlsError, KmsUnavailableError
 from qgate.kms import etsi014
+from qgate.kms import tls as _tls
 from qgate.kms.etsi014 import QkdKey, Status
+from qgate.kms.tls import (
+    AMBIGUOUS,
+    CLIENT_CERT_REFUSED,
+    HANDSHAKE_CLOSED,
+    PIN_MISMATCH,
+    TLS_OTHER,
+    Local,
+    Session,
+    TlsFailure,
+    TlsOptions,
+    TlsSettings,
+    cert_info,
+    classify,
+    diagnostic_handshake,
+    explain,
+    offer_of,
+    pin_problems,
+    tls_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +56,33 @@ USER_AGENT: Final = "qgate-etsi014/1"
 
 
 class MtlsHttps:
-    """One HTTPS origin reached with mutual TLS (TLS >= 1.2, server certificate and hostname checked).
+    """One HTTPS origin reached with mutual TLS, with the settings of :mod:`qgate.kms.tls`.
+
+    The server certificate chain is always verified against ``ca``; its name is checked against
+    ``tls.server_name`` (else the URL host) unless a pin (``server_cn``, ``server_sha256``)
+    replaces that check. A TLS failure raises :class:`KmsTlsError` with its ``cause``;
+    :meth:`diagnose` explains the current failure streak (one diagnostic handshake per streak).
 
     Args:
         base_url: ``https://host[:port][/prefix]``; host may be an IP literal (then it must be an
-            IP SAN of the server certificate).
+            IP SAN of the server certificate, unless pinned).
         ca: PEM file of the CA(s) trusted for the server certificate.
         cert: PEM client certificate (its subject CN is our identity toward the server).
         key: PEM private key of ``cert``.
         timeout: seconds for connecting and for each read (> 0).
-        server_cn: when given, the server certificate's subject CN must equal it.
+        server_cn: pin: the server certificate's subject CN (when ``tls`` pins no CN).
+        tls: TLS settings: a ``KmePolicy`` or a :class:`~qgate.kms.tls.TlsSettings`; None: defaults.
+
+    Attributes:
+        settings: the checked TLS settings (``server_sha256`` normalized).
+        expected_name: the name the server certificate must match (``server_name`` or URL host).
+        offer: the versions and TLS 1.2 suites we offer.
+        weak_ciphers_allowed: True when ``tls_ciphers`` lets in TLS 1.2 suites that are not AEAD
+            or not forward-secret (a downgrade the policy chose; logged once as a warning here).
 
     Raises:
-        ConfigError: the URL is not a plain https URL, or a certificate/key file is unusable.
+        ConfigError: the URL is not a plain https URL, a TLS setting is invalid, or a
+            certificate/key file is unusable.
     """
 
     def __init__(
@@ -58,6 +94,7 @@ class MtlsHttps:
         key: Path,
         timeout: float,
         server_cn: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         try:
@@ -73,8 +110,25 @@ class MtlsHttps:
         self.port = port
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
-        self.server_cn = server_cn
-        self._context = client_context(ca=ca, cert=cert, key=key)
+        self.settings = tls_settings(tls, server_cn=server_cn)
+        self.server_cn = self.settings.server_cn
+        self.expected_name = self.settings.server_name or self.host
+        self._context = _tls.client_context(self.settings, ca=ca, cert=cert, key=key)
+        self.offer = offer_of(self._context, self.settings)
+        self.weak_ciphers_allowed = bool(self.offer.weak)
+        self.negotiated: tuple[str, str] | None = None  # (version, suite) of the last handshake
+        if self.weak_ciphers_allowed:
+            log.warning(
+                "%s: kme.tls_ciphers allows TLS 1.2 suites without AEAD or forward secrecy (%s): a downgrade"
+                " accepted by policy",
+                base_url, ", ".join(self.offer.weak[:8]) + (" ..." if len(self.offer.weak) > 8 else ""),
+            )  # fmt: skip
+        source = "kme.server_name" if self.settings.server_name else "the URL host"
+        self._local = Local(self.offer, self.expected_name, source, ca, cert)
+        self._lock = threading.Lock()
+        self._diagnosing = threading.Lock()
+        self._failure: TlsFailure | None = None  # the last TLS failure of the current streak
+        self._diagnosis: tuple[str, TlsFailure] | None = None  # (cause it explains, explanation)
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """Send one request on a fresh connection and return ``(status, body)``.
@@ -88,37 +142,123 @@ class MtlsHttps:
             HTTP status code and at most ``etsi014.MAX_BODY_SIZE + 1`` bytes of body.
 
         Raises:
-            KmsUnavailableError: connection refused/reset, timeout, name resolution failure.
-            KmsAuthError: TLS handshake failure (trust, hostname, our certificate refused) or
-                a server certificate CN other than ``server_cn``.
+            KmsUnavailableError: connection refused or reset (in the handshake too: a KME going
+                down looks the same; :meth:`diagnose` still tells), timeout, name resolution failure.
+            KmsTlsError: the handshake failed, the certificate broke a pin, or the KME refused
+                our certificate or closed the connection after the handshake (``cause`` set).
             KmsBadAnswerError: the server's answer is not valid HTTP (``status=None``).
         """
         conn = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        conn.sock = self._open()  # http.client connects only when sock is None
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
-            conn.connect()
-            self._check_server_cn(conn)
             conn.request(method, self.prefix + path, body=body, headers=headers)
             response = conn.getresponse()
-            return response.status, response.read(etsi014.MAX_BODY_SIZE + 1)
+            answer = response.status, response.read(etsi014.MAX_BODY_SIZE + 1)
         except ssl.SSLError as exc:  # before OSError: SSLError is an OSError
-            raise KmsAuthError(f"{self.base_url}: TLS failed: {exc}", status=None) from exc
+            raise self._tls_failed(self._classify(exc, handshake_done=True)) from exc
         except (TimeoutError, OSError) as exc:
             raise KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
         except http.client.HTTPException as exc:
             raise KmsBadAnswerError(f"{self.base_url}: invalid HTTP answer: {exc!r}", status=None) from exc
         finally:
             conn.close()
+        with self._lock:  # an HTTP answer ends a TLS failure streak
+            self._failure = self._diagnosis = None
+        return answer
 
-    def _check_server_cn(self, conn: http.client.HTTPSConnection) -> None:
-        if self.server_cn is None:
-            return
-        sock = conn.sock
-        cn = peer_common_name(sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None)
-        if cn != self.server_cn:
-            raise KmsAuthError(f"{self.base_url}: server certificate CN {cn!r}, expected {self.server_cn!r}")
+    def inspect(self) -> Session:
+        """Make one handshake as :meth:`request` would, send nothing, and describe it.
+
+        Raises:
+            KmsUnavailableError, KmsTlsError: as for :meth:`request`.
+        """
+        tls = self._open()
+        try:
+            cipher, version = tls.cipher(), tls.version()
+            der = tls.getpeercert(binary_form=True)
+        finally:
+            tls.close()
+        if der is None:
+            raise KmsTlsError(f"{self.base_url}: TLS failed: no server certificate", cause=TLS_OTHER)
+        return Session(version or "?", cipher[0] if cipher else "?", cert_info(der))
+
+    def diagnose(self) -> TlsFailure | None:
+        """Explain the current TLS failure streak: its cause and what to change; None when there is none.
+
+        The first call for a streak (and a cause) may make one diagnostic handshake (see
+        :func:`qgate.kms.tls.diagnostic_handshake`, at most ``timeout`` seconds); later calls
+        return the cached explanation, and later :class:`KmsTlsError` messages carry it, until a
+        request gets an HTTP answer. Thread-safe; never raises.
+        """
+        with self._diagnosing:
+            with self._lock:
+                failure, known = self._failure, self._diagnosis
+            if failure is None:
+                return None
+            if known is not None and known[0] == failure.cause:
+                return known[1]
+            seen = None
+            if failure.cause not in (PIN_MISMATCH, CLIENT_CERT_REFUSED):
+                seen = diagnostic_handshake(
+                    self.host, self.port, server_name=self.expected_name, timeout=self.timeout
+                )
+            result = explain(failure, seen, self._local)
+            with self._lock:
+                if self._failure is not None:
+                    self._diagnosis = (failure.cause, result)
+            return result
+
+    def _open(self) -> ssl.SSLSocket:
+        """Connect, handshake and check the pins; return the TLS socket."""
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as exc:
+            raise KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            tls = self._context.wrap_socket(raw, server_hostname=self.expected_name)
+        except ssl.SSLError as exc:
+            raw.close()
+            raise self._tls_failed(self._classify(exc, handshake_done=False)) from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:  # a KME going down looks the same: retry
+            raw.close()
+            shown = self._record(self._classify(exc, handshake_done=False))
+            why = f" ({shown.cause}: {shown.text})" if shown.cause != HANDSHAKE_CLOSED else ""
+            text = f"{self.base_url}: {type(exc).__name__} in the TLS handshake: {exc}{why}"
+            raise KmsUnavailableError(text) from exc
+        except OSError as exc:
+            raw.close()
+            raise KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+        if self.settings.pinned:
+            der = tls.getpeercert(binary_form=True)
+            problems = pin_problems(cert_info(der), self.settings) if der else ["no server certificate"]
+            if problems:
+                tls.close()
+                raise self._tls_failed(TlsFailure(PIN_MISMATCH, "; ".join(problems)))
+        suite = tls.cipher()
+        self.negotiated = (tls.version() or "?", suite[0] if suite else "?")
+        return tls
+
+    def _classify(self, exc: BaseException, *, handshake_done: bool) -> TlsFailure:
+        name, cert = self.expected_name, self._local.cert
+        return classify(exc, expected_name=name, cert=cert, handshake_done=handshake_done)
+
+    def _record(self, failure: TlsFailure) -> TlsFailure:
+        """Record ``failure`` in the streak; return it, or its explanation when diagnosed already."""
+        with self._lock:
+            self._failure = failure
+            known = self._diagnosis
+        return known[1] if known is not None and known[0] == failure.cause else failure
+
+    def _tls_failed(self, failure: TlsFailure) -> KmsTlsError:
+        """Record ``failure`` in the streak; return the error to raise (explained when diagnosed)."""
+        shown = self._record(failure)
+        vague = shown is failure and failure.cause in AMBIGUOUS
+        hint = "; `qgate kme probe POLICY` names the cause" if vague else ""
+        text = f"{self.base_url}: TLS failed ({shown.cause}): {shown.text}{hint}"
+        return KmsTlsError(text, cause=shown.cause)
 
 
 class Etsi014Client:
@@ -130,24 +270,37 @@ class Etsi014Client:
         cert: this SAE's PEM client certificate (subject CN = SAE ID).
         key: PEM private key of ``cert``.
         timeout: seconds for connecting and for each read.
+        tls: the TLS settings (pass the ``KmePolicy``: tls_min_version, tls_ciphers, server_name,
+            server_cn, server_sha256), or None for the defaults.
+
+    Attributes:
+        https: the transport: ``weak_ciphers_allowed``, ``diagnose()`` after a KmsTlsError,
+            ``inspect()`` (see :class:`MtlsHttps`).
 
     Raises:
-        ConfigError: bad URL, timeout, or unusable certificate/key files.
+        ConfigError: bad URL, timeout, TLS settings, or unusable certificate/key files.
     """
 
-    def __init__(self, base_url: str, *, ca: Path, cert: Path, key: Path, timeout: float) -> None:
-        self._https = MtlsHttps(base_url, ca=ca, cert=cert, key=key, timeout=timeout)
+    def __init__(
+        self, base_url: str, *, ca: Path, cert: Path, key: Path, timeout: float, tls: TlsOptions | None = None
+    ) -> None:
+        self.https = MtlsHttps(base_url, ca=ca, cert=cert, key=key, timeout=timeout, tls=tls)
+        self._https = self.https
         self.base_url = base_url
 
     def status(self, slave_sae_id: str) -> Status:
         """Get status (section 5.1): ``GET /api/v1/keys/{slave_SAE_ID}/status``.
 
         Returns:
-            The checked Status (its ``slave_SAE_ID`` equals ``slave_sae_id``).
+            The checked Status (its ``slave_SAE_ID`` equals ``slave_sae_id``); limits a KME sent
+            as 0 mean "not stated" (``Status.per_request_limit()`` and friends say None).
 
         Raises:
             ConfigError: ``slave_sae_id`` is not a valid ID.
-            KmsUnavailableError, KmsAuthError, KmsBadAnswerError: as described in the module doc.
+            KmsUnavailableError: no answer (connection, timeout), or 429/502/503/504
+                (KmsExhaustedError when the KME says it has not enough key).
+            KmsAuthError: TLS trust failure, 401/403, or an error about our certificate or SAE.
+            KmsBadAnswerError: any other error status, or a Status failing the section 6.1 checks.
         """
         body = self._call("GET", _api_path(slave_sae_id, "status"), None, "status")
         return etsi014.parse_status(body, slave_sae_id=slave_sae_id)
@@ -163,11 +316,18 @@ class Etsi014Client:
             size_bits: size of each key in bits (> 0, multiple of 8).
 
         Returns:
-            Exactly ``number`` keys of ``size_bits`` bits each, with distinct key_IDs.
+            At least 1 and at most ``number`` keys of ``size_bits`` bits each, with distinct
+            key_IDs: a KME short of keys may answer 200 with fewer than asked, and those are
+            valid keys it has consumed (ask again for the rest).
 
         Raises:
             ConfigError: invalid argument.
-            KmsUnavailableError, KmsAuthError, KmsBadAnswerError: as described in the module doc.
+            KmsExhaustedError: the KME has no key now (an error saying so, with 503 or 400/404/
+                422/500, or a 200 answer without any key); retry later.
+            KmsUnavailableError: no answer (connection, timeout), or 429/502/503/504.
+            KmsAuthError: TLS trust failure, 401/403, or an error about our certificate or SAE.
+            KmsBadAnswerError: any other error status, or a Key container failing the checks of
+                :func:`etsi014.parse_enc_keys` (more keys than asked, wrong size, bad Base64).
         """
         if number < 1 or size_bits < 8 or size_bits % 8:
             raise ConfigError(
@@ -177,7 +337,10 @@ class Etsi014Client:
         request = etsi014.encode_key_request(number, size_bits)
         body = self._call("POST", _api_path(slave_sae_id, "enc_keys"), request, "enc_keys")
         keys = etsi014.parse_enc_keys(body, number=number, size_bits=size_bits)
-        log.debug("enc_keys for slave %s: key_IDs %s", slave_sae_id, [k.key_id for k in keys])
+        log.debug(
+            "enc_keys for slave %s: %d of %d keys, key_IDs %s",
+            slave_sae_id, len(keys), number, [k.key_id for k in keys],
+        )  # fmt: skip
         return keys
 
     def dec_keys(
@@ -196,41 +359,42 @@ class Etsi014Client:
 
         Raises:
             ConfigError: invalid argument (empty, repeated or malformed key_IDs).
-            KmsUnavailableError, KmsAuthError, KmsBadAnswerError: as described in the module doc.
+            KmsKeyRejectedError: the KME refuses these key_IDs (unknown, consumed, expired,
+                superseded; 400/401/403/404/409/410/422 with such a message); ``key_ids`` set.
+            KmsUnavailableError: no answer (connection, timeout), or 429/502/503/504.
+            KmsAuthError: TLS trust failure, or an error about our certificate or SAE, or a
+                401/403 that names no key.
+            KmsBadAnswerError: any other error status, or a Key container other than asked for.
         """
         if not key_ids or len(set(key_ids)) != len(key_ids) or not all(map(etsi014.valid_id, key_ids)):
             raise ConfigError("dec_keys: key_IDs must be a non-empty list of distinct valid IDs")
         request = etsi014.encode_key_ids(key_ids)
-        body = self._call("POST", _api_path(master_sae_id, "dec_keys"), request, "dec_keys")
+        body = self._call("POST", _api_path(master_sae_id, "dec_keys"), request, "dec_keys", key_ids)
         keys = etsi014.parse_dec_keys(body, key_ids=key_ids, size_bits=size_bits)
         log.debug("dec_keys from master %s: key_IDs %s", master_sae_id, list(key_ids))
         return keys
 
-    def _call(self, method: str, path: str, body: bytes | None, what: str) -> bytes:
+    def _call(
+        self, method: str, path: str, body: bytes | None, what: str, key_ids: Sequence[str] = ()
+    ) -> bytes:
+        """Send one request; return the body of a 200 answer, else raise what classify_error says."""
         status, data = self._https.request(method, path, body)
         if status == 200:
             return data
-        error = etsi014.parse_error_body(data)
-        text = f"KME {self.base_url} {what}: HTTP {status}" + (f": {error.message}" if error.message else "")
-        log.debug("%s", text)
-        if status == 401:
-            raise KmsAuthError(text, status=status, kme_message=error.message)
-        if status == 503:
-            raise KmsUnavailableError(text)
-        raise KmsBadAnswerError(text, status=status, kme_message=error.message)
+        verdict = etsi014.classify_error(what, status, data, None)  # the Content-Type is not passed up
+        error = verdict.error(f"KME {self.base_url} {what}", key_ids=key_ids)
+        log.debug("%s (%s)", error, verdict.kind.__name__)
+        raise error
 
 
-def client_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """Build a TLS client context: TLS >= 1.2, server verified against ``ca`` with hostname check,
-    ``cert``/``key`` presented as client certificate.
+def client_context(*, ca: Path, cert: Path, key: Path, settings: TlsSettings | None = None) -> ssl.SSLContext:
+    """Build a TLS client context (see :func:`qgate.kms.tls.client_context`); default settings:
+    TLS >= 1.2, qgate's secure TLS 1.2 suites, server verified against ``ca`` with hostname check.
 
     Raises:
-        ConfigError: a file is missing or not a usable PEM certificate/key.
+        ConfigError: a file is missing or not a usable PEM certificate/key, or the settings are bad.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(context, ca=ca, cert=cert, key=key)
-    return context
+    return _tls.client_context(settings or TlsSettings(), ca=ca, cert=cert, key=key)
 
 
 def server_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -239,11 +403,7 @@ def server_context(*, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     Raises:
         ConfigError: a file is missing or not a usable PEM certificate/key.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    _load(context, ca=ca, cert=cert, key=key)
-    return context
+    return _tls.server_context(ca=ca, cert=cert, key=key)
 
 
 def peer_common_name(cert: object) -> str | None:
@@ -260,17 +420,6 @@ def peer_common_name(cert: object) -> str | None:
         if attr == "commonName" and isinstance(value, str)
     ]
     return names[0] if len(names) == 1 else None
-
-
-def _load(context: ssl.SSLContext, *, ca: Path, cert: Path, key: Path) -> None:
-    try:
-        context.load_verify_locations(cafile=str(ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"CA file {ca}: {exc}") from exc
-    try:
-        context.load_cert_chain(certfile=str(cert), keyfile=str(key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"certificate {cert} / key {key}: {exc}") from exc
 
 
 def _api_path(sae_id: str, endpoint: str) -> str:

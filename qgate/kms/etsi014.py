@@ -3,22 +3,37 @@
 The parsers check every answer a KME gives against what was asked: valid UTF-8 JSON without
 duplicate names, field types, the number of keys, each key's length in bits, strict Base64
 (RFC 4648 section 4, canonical padding), unique key_IDs and, for "Get key with key IDs", the
-returned set of key_IDs. Any violation raises :class:`~qgate.errors.KmsBadAnswerError`; no other
-exception escapes a parser. Key bytes are wrapped in :class:`~qgate.crypto.secret.Secret` at once
-and never appear in an error message.
+returned set of key_IDs. Any violation raises :class:`~qgate.errors.KmsBadAnswerError`; the one
+other exception a parser raises is :class:`~qgate.errors.KmsExhaustedError`, for a 200 Key
+container with no key in it (:func:`parse_enc_keys`). Key bytes are wrapped in
+:class:`~qgate.crypto.secret.Secret` at once and never appear in an error message.
+
+:func:`classify_error` reads a non-200 answer (section 6.5 Error body, or whatever a proxy or
+framework sent instead) and says which :class:`~qgate.errors.KmsError` it means, with a short
+printable summary; it never raises.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import html
+import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeGuard
 
 from qgate.crypto.secret import Secret
-from qgate.errors import KmsBadAnswerError
+from qgate.errors import (
+    KmsAuthError,
+    KmsBadAnswerError,
+    KmsError,
+    KmsExhaustedError,
+    KmsKeyRejectedError,
+    KmsUnavailableError,
+)
 
 JsonObject = dict[str, object]
 """A decoded JSON object."""
@@ -31,6 +46,16 @@ SAE_ID_MAX_LEN: Final = 128
 """Characters: the longest SAE or KME ID accepted."""
 ERROR_MESSAGE_MAX_LEN: Final = 200
 """Characters of a KME error ``message`` kept (the rest is cut, for logs and exceptions)."""
+ERROR_DETAILS_MAX_LEN: Final = 200
+"""Characters of the compact-JSON summary of an Error's ``details`` (and of each kept entry)."""
+ERROR_DETAILS_MAX_ENTRIES: Final = 8
+"""``details`` entries kept in ``kme_details`` (the rest are counted in the summary only)."""
+ERROR_TEXT_MAX_LEN: Final = 600
+"""Characters: the longest summary :func:`classify_error` returns (status, message, details)."""
+LIMIT_NOT_STATED: Final = 0
+"""A Status limit of 0 (``max_key_count``, ``max_key_per_request``, ``max/min_key_size``,
+``key_size``): not stated. ETSI GS QKD 014 section 6.1 gives 0 no meaning there; real KMEs send
+it for limits they leave unset, and still serve keys."""
 
 _STATUS_STR_FIELDS: Final = ("source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID")
 _STATUS_INT_FIELDS: Final = (
@@ -48,17 +73,22 @@ _STATUS_INT_FIELDS: Final = (
 class Status:
     """Status data format (ETSI GS QKD 014 section 6.1), as seen by the calling (master) SAE.
 
+    The fields hold what the KME sent. A 0 in ``key_size``, ``max_key_count``,
+    ``max_key_per_request``, ``max_key_size`` or ``min_key_size`` means "not stated"
+    (LIMIT_NOT_STATED): read those through the helper methods, which say None then.
+
     Attributes:
         source_KME_ID: the KME answering (the master SAE's KME).
         target_KME_ID: the KME the slave SAE is attached to.
         master_SAE_ID: the calling SAE.
         slave_SAE_ID: the SAE named in the request path.
-        key_size: default key size, bits.
-        stored_key_count: keys (of ``key_size`` bits) ready for the master SAE now.
-        max_key_count: the most keys the KME stores for this pair.
-        max_key_per_request: the most keys one request may ask for.
-        max_key_size: largest key size a request may ask for, bits.
-        min_key_size: smallest key size a request may ask for, bits.
+        key_size: default key size, bits (0: not stated).
+        stored_key_count: keys (of ``key_size`` bits) ready for the master SAE now (some KMEs
+            always say 0).
+        max_key_count: the most keys the KME stores for this pair (0: not stated).
+        max_key_per_request: the most keys one request may ask for (0: not stated).
+        max_key_size: largest key size a request may ask for, bits (0: not stated).
+        min_key_size: smallest key size a request may ask for, bits (0: not stated).
         max_SAE_ID_count: the most ``additional_slave_SAE_IDs`` a request may name (0: none).
         status_extension: vendor extension object, if the KME sent one.
     """
@@ -75,6 +105,31 @@ class Status:
     min_key_size: int
     max_SAE_ID_count: int
     status_extension: JsonObject | None = None
+
+    def per_request_limit(self) -> int | None:
+        """Return ``max_key_per_request``, or None when the KME did not state it (0)."""
+        return self.max_key_per_request or None
+
+    def key_count_limit(self) -> int | None:
+        """Return ``max_key_count``, or None when the KME did not state it (0)."""
+        return self.max_key_count or None
+
+    def default_key_size(self) -> int | None:
+        """Return ``key_size`` in bits, or None when the KME did not state it (0)."""
+        return self.key_size or None
+
+    def key_size_allowed(self, bits: int) -> bool | None:
+        """Tell whether keys of ``bits`` bits are within the KME's stated size limits.
+
+        Returns:
+            False when a stated limit (``min_key_size`` or ``max_key_size``) excludes ``bits``;
+            True when both limits are stated and allow it; None when no stated limit excludes
+            it but at least one is not stated (ask, and read the answer).
+        """
+        low, high = self.min_key_size or None, self.max_key_size or None
+        if (low is not None and bits < low) or (high is not None and bits > high):
+            return False
+        return True if low is not None and high is not None else None
 
     def to_json(self) -> bytes:
         """Encode as the section 6.1 JSON object (UTF-8 bytes); ``status_extension`` only when set."""
@@ -167,16 +222,23 @@ def parse_status(body: bytes, *, slave_sae_id: str | None = None) -> Status:
     Returns:
         The Status.
 
+    A 0 in ``key_size``, ``max_key_count``, ``max_key_per_request``, ``max_key_size`` or
+    ``min_key_size`` is accepted as "not stated" (LIMIT_NOT_STATED): section 6.1 defines no 0
+    there, and real KMEs send all-zero limits while serving keys normally. The size ordering
+    is checked between the sizes that are stated only.
+
     Raises:
         KmsBadAnswerError: not a JSON object, a field missing or of the wrong type, a negative
-            count or size, ``min_key_size <= key_size <= max_key_size`` violated, or the wrong slave.
+            count or size, the stated (non-zero) sizes not ordered ``min_key_size <= key_size
+            <= max_key_size``, or the wrong slave.
     """
     obj = _object(loads_json(body, "status"), "status")
     strs = {name: _id_field(obj, name, "status") for name in _STATUS_STR_FIELDS}
     ints = {name: _int_field(obj, name, "status", minimum=0) for name in _STATUS_INT_FIELDS}
     extension = _optional_object(obj, "status_extension", "status")
-    if not ints["min_key_size"] <= ints["key_size"] <= ints["max_key_size"]:
-        raise _bad("status: key sizes not ordered min_key_size <= key_size <= max_key_size")
+    stated = [ints[name] for name in ("min_key_size", "key_size", "max_key_size") if ints[name]]
+    if stated != sorted(stated):
+        raise _bad("status: key sizes not ordered min_key_size <= key_size <= max_key_size (0: unstated)")
     if slave_sae_id is not None and strs["slave_SAE_ID"] != slave_sae_id:
         raise _bad(f"status: slave_SAE_ID is {strs['slave_SAE_ID']!r}, asked about {slave_sae_id!r}")
     return Status(
@@ -198,21 +260,28 @@ def parse_status(body: bytes, *, slave_sae_id: str | None = None) -> Status:
 def parse_enc_keys(body: bytes, *, number: int, size_bits: int) -> list[QkdKey]:
     """Parse and check the Key container answering "Get key" (section 5.2, format 6.3).
 
+    A KME short of keys may answer 200 with fewer keys than asked (products that hand out what
+    one batch holds): those keys are valid and consumed at the KME, so they are returned, not
+    thrown away. Every key is checked as in a full answer.
+
     Args:
         body: the HTTP 200 answer body.
-        number: keys asked for; exactly this many must come back.
+        number: keys asked for (>= 1); at most this many may come back.
         size_bits: size asked for; every key must have exactly this many bits.
 
     Returns:
-        The keys, in the KME's order.
+        At least 1 and at most ``number`` keys, in the KME's order, with distinct key_IDs.
 
     Raises:
-        KmsBadAnswerError: malformed container, wrong number of keys, a key of the wrong length
+        KmsExhaustedError: a valid container with no key (``status`` 200).
+        KmsBadAnswerError: malformed container, more keys than asked, a key of the wrong length
             (for instance a KME counting ``size`` in bytes), non-canonical Base64, a bad or
             duplicate key_ID.
     """
     keys = parse_key_container(body)
-    if len(keys) != number:
+    if not keys:
+        raise KmsExhaustedError(f"enc_keys: HTTP 200 with no key (asked for {number})", status=200)
+    if len(keys) > number:
         raise _bad(f"enc_keys: asked for {number} keys, got {len(keys)}")
     _check_sizes(keys, size_bits, "enc_keys")
     return keys
@@ -273,19 +342,91 @@ def parse_key_container(body: bytes) -> list[QkdKey]:
 def parse_error_body(body: bytes) -> ErrorBody:
     """Read an Error body (section 6.5) from a non-200 answer; never raises.
 
-    Empty, non-JSON (an HTML error page), or oddly shaped bodies give ``ErrorBody(None)``; a
-    ``message`` is kept only if it is a string, with non-printable characters replaced.
+    Empty, non-JSON (an HTML error page), or oddly shaped bodies give ``ErrorBody(None)``. The
+    message is the ``message`` string, else a string ``detail`` or ``error`` member (FastAPI and
+    other web frameworks), with non-printable characters replaced, long Base64 runs redacted,
+    cut to ERROR_MESSAGE_MAX_LEN. The details are the ``details`` array, else a ``detail`` array
+    (FastAPI's 422 validation errors).
     """
     try:
         obj = loads_json(body, "error")
     except KmsBadAnswerError:
         return ErrorBody(None)
-    if not isinstance(obj, dict):
-        return ErrorBody(None)
-    message = obj.get("message")
-    details = obj.get("details")
-    text = _printable(message)[:ERROR_MESSAGE_MAX_LEN] if isinstance(message, str) else None
-    return ErrorBody(text, tuple(details) if isinstance(details, list) else ())
+    return _error_fields(obj) if isinstance(obj, dict) else ErrorBody(None)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorVerdict:
+    """What a KME's error answer means (:func:`classify_error`).
+
+    Attributes:
+        kind: the class to raise: KmsUnavailableError, KmsExhaustedError, KmsAuthError,
+            KmsKeyRejectedError or KmsBadAnswerError.
+        text: ``HTTP 400: message (details: [...])``, ``HTTP 502: HTML page "Bad Gateway" (150
+            bytes)``, ``HTTP 404: empty body``...; printable, at most ERROR_TEXT_MAX_LEN characters.
+        status: the HTTP status.
+        kme_message: the Error's message (see :func:`parse_error_body`), or None.
+        kme_details: the first ERROR_DETAILS_MAX_ENTRIES ``details`` entries, each compact JSON
+            cut to ERROR_DETAILS_MAX_LEN characters, ``key`` members shown as ``<SECRET>``.
+    """
+
+    kind: type[KmsError]
+    text: str
+    status: int
+    kme_message: str | None = None
+    kme_details: tuple[str, ...] = ()
+
+    def error(self, where: str, *, key_ids: Sequence[str] = ()) -> KmsError:
+        """Build the exception ``"{where}: {text}"``; ``key_ids`` is kept by a KmsKeyRejectedError."""
+        text = f"{where}: {self.text}"
+        error = self.kind(
+            text, status=self.status, kme_message=self.kme_message, kme_details=self.kme_details
+        )
+        if isinstance(error, KmsKeyRejectedError):
+            error.key_ids = tuple(key_ids)
+        return error
+
+
+def classify_error(endpoint: str, status: int, body: bytes, content_type: str | None = None) -> ErrorVerdict:
+    """Say what a KME's non-200 answer means (ETSI GS QKD 014 sections 5.1-5.3 and 6.5); never raises.
+
+    ETSI defines 400, 401 and 503 only; products also send 404, 422, 500, HTML pages and
+    framework bodies, and say "store empty" or "key consumed" with any of them. So the status
+    and the wording of the answer's text decide, first match wins:
+
+    1. 429, 502, 503, 504: KmsExhaustedError if the text says there is not enough key, else
+       KmsUnavailableError (never Rejected, never Auth).
+    2. any status outside 400..599: KmsBadAnswerError.
+    3. text about the caller's certificate, authentication, TLS or SAE identity: KmsAuthError
+       (on dec_keys too: "wrong SAE certificate" is no verdict on the key_IDs).
+    4. dec_keys, status 400, 401, 403, 404, 409, 410 or 422, text naming keys with a refusal
+       ("unknown key_ID", "key_ID already retrieved", "keys do not exist", "Not authorized for
+       requested keys"): KmsKeyRejectedError.
+    5. 401, 403, 495, 496 (nginx client-certificate errors), or "unauthorized"/"forbidden" text:
+       KmsAuthError.
+    6. text saying the store is empty ("not enough keys available", "There is not enough key
+       material for requested parameters.", "Insufficient keys in pool", "No keys found in
+       storage", "Key pool exhausted"): KmsExhaustedError.
+    7. anything else: KmsBadAnswerError.
+
+    The text is the JSON body (message, details and every other member), an HTML page's title
+    and text, or a plain body's first characters.
+
+    Args:
+        endpoint: ``status``, ``enc_keys`` or ``dec_keys``: the request answered.
+        status: the HTTP status code.
+        body: the answer body (any bytes; at most MAX_BODY_SIZE are parsed as JSON, 64 KiB scanned
+            as text).
+        content_type: the Content-Type header, when known; ``html`` in it marks an HTML page.
+
+    Returns:
+        The verdict with a summary, message and details free of key bytes.
+    """
+    error, summary, haystack = _summarize(body, content_type)
+    code = str(status) if 0 <= status <= 999 else "(invalid status)"
+    details = tuple(_compact(d, ERROR_DETAILS_MAX_LEN) for d in error.details[:ERROR_DETAILS_MAX_ENTRIES])
+    text = _cut(f"HTTP {code}: {summary}", ERROR_TEXT_MAX_LEN)
+    return ErrorVerdict(_error_kind(endpoint, status, haystack), text, status, error.message, details)
 
 
 def loads_json(body: bytes, what: str) -> object:
@@ -396,6 +537,168 @@ def _unique_names(pairs: list[tuple[str, object]]) -> JsonObject:
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
+
+
+# --- error answers: wording and summaries ------------------------------------------------------
+
+_UNAVAILABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
+_AUTH_STATUSES: Final = frozenset({401, 403, 495, 496})
+_REJECTING_STATUSES: Final = frozenset({400, 401, 403, 404, 409, 410, 422})
+_CALLER_AUTH: Final = re.compile(
+    r"certificate|\bcert\b|\bauthenticat|\b(?:ssl|tls)\b|\bcaller\b|\bcalling (?:sae|application|party)\b"
+    r"|\brequesting sae\b|\bclient (?:sae|identity)\b"
+    r"|(?<!slave )(?<!master )(?<!target )(?<!peer )\bsae(?:[ _]?id)?(?: is)? (?:not |un)"
+    r"(?:authori[sz]ed|allowed|permitted|registered|known)",
+    re.IGNORECASE,
+)
+"""The caller's certificate or SAE identity (the path's slave/master SAE IDs are not the caller)."""
+_REFUSED: Final = re.compile(
+    r"\bunauthori[sz]ed\b|\bnot authori[sz]ed\b|\bforbidden\b|\baccess denied\b|\bpermission denied\b",
+    re.IGNORECASE,
+)
+_KEY_WORD: Final = re.compile(r"\bkey(?:s|[ _]?ids?)?\b", re.IGNORECASE)
+_KEY_REFUSAL: Final = re.compile(
+    r"not found|\bunknown\b|\bno such\b|\bno (?:matching )?keys? (?:were )?found|\bdo(?:es)? not exist"
+    r"|\bdoesn'?t exist|\bno longer\b|\bconsumed\b|\balready (?:been )?(?:used|retrieved|delivered|requested"
+    r"|fetched|consumed|taken|read)|\bexpired\b|\bdeleted\b|\brevoked\b|\bsuperseded\b|\bdiscarded\b"
+    r"|\bnot delivered\b|\bnot (?:authori[sz]ed|allowed|permitted|intended) for\b|\bnot (?:involved|shared)\b"
+    r"|\binvalid key[ _]?ids?\b",
+    re.IGNORECASE,
+)
+_NO_KEY: Final = re.compile(
+    r"\bnot enough (?:qkd )?key|\binsufficient (?:qkd )?key|\bno key material\b"
+    r"|\bno (?:more )?(?:qkd )?keys? (?:material )?(?:is |are )?(?:available|left|remaining|stored"
+    r"|(?:found )?in (?:the )?(?:store|pool|storage|buffer))"
+    r"|\bkeys? (?:material )?(?:is |are )?(?:exhausted|depleted|unavailable|not (?:yet )?available)"
+    r"|\b(?:store|pool|buffer|storage) (?:is )?(?:empty|exhausted|depleted)|\b(?:ran )?out of keys?\b"
+    r"|\bexhausted\b|\bdepleted\b|\bexceeds (?:the )?(?:number of )?(?:keys? )?(?:stored|available)\b",
+    re.IGNORECASE,
+)
+"""The KME has not enough key now (wordings of several products; see classify_error)."""
+_SCAN_BYTES: Final = 64 * 1024
+_HTML_START: Final = (b"<!doctype", b"<html", b"<head", b"<body", b"<title", b"<h1", b"<?xml")
+_HTML_TITLE: Final = re.compile(r"<title[^<>]*>([^<]*)", re.IGNORECASE)
+_HTML_SCRIPT: Final = re.compile(r"<(?:script|style)[^<>]*>[^<]*", re.IGNORECASE)
+_HTML_TAG: Final = re.compile(r"<[^<>]*>")
+_SPACES: Final = re.compile(r"\s+")
+_BASE64_RUN: Final = re.compile(r"[A-Za-z0-9+/_-]{43,}={0,2}")
+"""At least 43 Base64 characters: the size of a 256-bit key (44 with padding)."""
+_BASE64_TAIL: Final = re.compile(r"[A-Za-z0-9+/_=-]+\Z")
+_DIGIT, _UPPER, _LOWER = re.compile(r"[0-9]"), re.compile(r"[A-Z]"), re.compile(r"[a-z]")
+
+
+def _error_kind(endpoint: str, status: int, text: str) -> type[KmsError]:
+    no_key = _NO_KEY.search(text) is not None
+    if status in _UNAVAILABLE_STATUSES:
+        return KmsExhaustedError if no_key else KmsUnavailableError
+    if not 400 <= status <= 599:
+        return KmsBadAnswerError
+    if _CALLER_AUTH.search(text):
+        return KmsAuthError
+    if (
+        endpoint == "dec_keys"
+        and status in _REJECTING_STATUSES
+        and _KEY_WORD.search(text)
+        and _KEY_REFUSAL.search(text)
+    ):
+        return KmsKeyRejectedError
+    if status in _AUTH_STATUSES or _REFUSED.search(text):
+        return KmsAuthError
+    return KmsExhaustedError if no_key else KmsBadAnswerError
+
+
+def _summarize(body: bytes, content_type: str | None) -> tuple[ErrorBody, str, str]:
+    """Return an error body's Error fields, a printable summary and the text to match wordings in."""
+    size = f"{len(body)} bytes"
+    if not body.strip():
+        return ErrorBody(None), "empty body" if not body else f"blank body ({size})", ""
+    if _is_html(body, content_type):
+        title, text = _html_text(body)
+        shown = f'HTML page "{title}" ({size})' if title else f"HTML page ({size})"
+        return ErrorBody(None), shown + (f": {_cut(text, 120)}" if text else ""), f"{title} {text}"
+    try:
+        obj = loads_json(body, "error")
+    except KmsBadAnswerError:
+        text = _clean(_head(body), ERROR_MESSAGE_MAX_LEN)
+        if text.count("\ufffd") > 2 or not any(ch.isalnum() for ch in text):
+            return ErrorBody(None), f"{size}, not text", ""
+        return ErrorBody(None), f'"{text}" ({size})', text
+    error = _error_fields(obj) if isinstance(obj, dict) else ErrorBody(None)
+    whole = _compact(obj, 4 * ERROR_TEXT_MAX_LEN)
+    if error.message is None:
+        return error, f"JSON {_cut(whole, ERROR_DETAILS_MAX_LEN)}", whole
+    more = len(error.details) - ERROR_DETAILS_MAX_ENTRIES
+    details = _compact(list(error.details[:ERROR_DETAILS_MAX_ENTRIES]), ERROR_DETAILS_MAX_LEN)
+    shown = f" (details: {details}{f' and {more} more' if more > 0 else ''})" if error.details else ""
+    return error, error.message + shown, whole
+
+
+def _error_fields(obj: JsonObject) -> ErrorBody:
+    message = next((v for n in ("message", "detail", "error") if isinstance(v := obj.get(n), str)), None)
+    details = next((v for n in ("details", "detail") if isinstance(v := obj.get(n), list)), [])
+    text = _printable(_redact(message)[:ERROR_MESSAGE_MAX_LEN]) if message is not None else None
+    return ErrorBody(text, tuple(details))
+
+
+def _is_html(body: bytes, content_type: str | None) -> bool:
+    if content_type is not None and "html" in content_type.lower():
+        return True
+    return body[:64].lstrip().lower().startswith(_HTML_START)
+
+
+def _html_text(body: bytes) -> tuple[str, str]:
+    """Return an HTML page's title and its text after the title, both cleaned (title may be '')."""
+    page = _head(body)
+    match = _HTML_TITLE.search(page)
+    title = _clean(html.unescape(match.group(1)), 120) if match else ""
+    text = _clean(html.unescape(_HTML_TAG.sub(" ", _HTML_SCRIPT.sub(" ", page))), 4 * ERROR_MESSAGE_MAX_LEN)
+    if title and text.startswith(title):
+        text = text[len(title) :].lstrip(" -:")
+    if title and text.startswith(title):  # the usual <h1> repeating the title
+        text = text[len(title) :].lstrip(" -:")
+    return title, text
+
+
+def _compact(value: object, limit: int) -> str:
+    """Compact JSON of a decoded value, bounded (see _bounded), cleaned and cut to ``limit``."""
+    return _clean(json.dumps(_bounded(value), ensure_ascii=False, separators=(",", ":")), limit)
+
+
+def _bounded(value: object, depth: int = 0) -> object:
+    """Copy a decoded JSON value cut to 4 levels, a few entries and short strings; hide ``key`` members."""
+    if isinstance(value, dict):
+        if depth >= 4:
+            return "{...}"
+        items = itertools.islice(value.items(), 12)
+        return {_redact(str(k))[:40]: "<SECRET>" if k == "key" else _bounded(v, depth + 1) for k, v in items}
+    if isinstance(value, list):
+        return [_bounded(v, depth + 1) for v in value[:ERROR_DETAILS_MAX_ENTRIES]] if depth < 4 else "[...]"
+    return _redact(value)[:ERROR_DETAILS_MAX_LEN] if isinstance(value, str) else value
+
+
+def _head(body: bytes) -> str:
+    """Decode the first _SCAN_BYTES of a body; a Base64 run cut at the end is dropped (no key part)."""
+    text = body[:_SCAN_BYTES].decode("utf-8", "replace")
+    return _BASE64_TAIL.sub("", text) if len(body) > _SCAN_BYTES else text
+
+
+def _clean(text: str, limit: int) -> str:
+    """Collapse white space, redact Base64 runs, replace non-printable characters, cut to ``limit``."""
+    return _cut(_printable(_redact(_SPACES.sub(" ", text).strip())[: limit + 1]), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _redact(text: str) -> str:
+    """Replace Base64 runs long enough to be a key and mixing cases and digits by ``<redacted>``."""
+    return _BASE64_RUN.sub(_redact_run, text)
+
+
+def _redact_run(match: re.Match[str]) -> str:
+    run = match.group()
+    return "<redacted>" if _DIGIT.search(run) and _UPPER.search(run) and _LOWER.search(run) else run
 
 
 def _printable(text: str) -> str:

@@ -5,7 +5,10 @@ thread (a stalled client never blocks ``accept``). A client without a certificat
 lab CA fails the handshake; the verified certificate's subject CN is the caller's identity
 (ETSI GS QKD 014 section 4), never a request field. All logic sits in
 :class:`qgate.kms.simulator.Kme`; injected faults (:mod:`qgate.kms.faults`) are applied here,
-including ``down`` (:meth:`KmeService.go_down`: the listening socket is closed, then bound again).
+including ``down`` (:meth:`KmeService.go_down`: the listening socket is closed, then bound again),
+and so are the quirks of the wire (:mod:`qgate.kms.quirks`): ``cbc-only`` and ``no-san`` on TLS
+(both ways: the peer KME is taken to be the same product), ``stall``, ``html-errors`` and
+``details-422``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +34,7 @@ from qgate.errors import ConfigError, KmsBadAnswerError
 from qgate.kms import etsi014
 from qgate.kms.client import MtlsHttps, peer_common_name, server_context
 from qgate.kms.faults import ADMIN_PATH, FaultControl, FaultSpec, etsi_endpoint, serve_with_fault
+from qgate.kms.quirks import Quirks, describe
 from qgate.kms.simulator import DELIVERED_PATH, INFO_PATH, Kme, KmeConfig
 
 log = logging.getLogger(__name__)
@@ -56,15 +61,27 @@ class HttpsPeerLink:
         peer_kme_id: the CN the peer's server certificate must carry.
         ca, cert, key: lab CA and this KME's own certificate and key (presented as client cert).
         timeout: seconds per request.
+        quirks: the product's quirks, the peer's too: ``cbc-only`` offers the CBC suites,
+            ``no-san`` skips the hostname check (the peer stays pinned by CN and CA).
 
     Raises:
         ConfigError: bad URL or unusable files.
     """
 
     def __init__(
-        self, url: str, *, peer_kme_id: str, ca: Path, cert: Path, key: Path, timeout: float = PEER_TIMEOUT
+        self,
+        url: str,
+        *,
+        peer_kme_id: str,
+        ca: Path,
+        cert: Path,
+        key: Path,
+        timeout: float = PEER_TIMEOUT,
+        quirks: Quirks | None = None,
     ) -> None:
-        self._https = MtlsHttps(url, ca=ca, cert=cert, key=key, timeout=timeout, server_cn=peer_kme_id)
+        self._https = _PeerHttps(url, ca=ca, cert=cert, key=key, timeout=timeout, server_cn=peer_kme_id)
+        if quirks is not None:
+            self._https.fit(quirks)
         self._peer_kme_id = peer_kme_id
 
     def report_delivered(self, body: bytes) -> None:
@@ -91,6 +108,14 @@ class HttpsPeerLink:
         return tuple(str(s) for s in saes)
 
 
+class _PeerHttps(MtlsHttps):
+    """MtlsHttps toward the peer KME, whose TLS may carry the product's quirks."""
+
+    def fit(self, quirks: Quirks) -> None:
+        """Apply ``quirks.peer_tls`` to this origin's client context."""
+        quirks.peer_tls(self._context)
+
+
 class KmeHttpServer(ThreadingHTTPServer):
     """HTTPS server (mutual TLS) dispatching every request to a :class:`Kme`.
 
@@ -99,6 +124,9 @@ class KmeHttpServer(ThreadingHTTPServer):
         kme: the KME answering requests.
         context: server TLS context that requires client certificates.
         faults: the faults to apply and the admin API; default: none and no admin.
+
+    The wire quirks (``stall``, the error bodies) are ``kme.quirks``; ``context`` must already
+    carry the TLS ones (:meth:`qgate.kms.quirks.Quirks.server_tls`).
     """
 
     daemon_threads = True
@@ -108,6 +136,7 @@ class KmeHttpServer(ThreadingHTTPServer):
         self, address: tuple[str, int], kme: Kme, context: ssl.SSLContext, faults: FaultControl | None = None
     ) -> None:
         self.kme = kme
+        self.quirks = kme.quirks if isinstance(kme, Kme) else Quirks()  # a stand-in has none
         self.tls_context = context
         self.faults = faults if faults is not None else FaultControl()
         super().__init__(address, _Handler)
@@ -188,21 +217,32 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         body = self._body()
-        faults = self.server.faults
+        faults, kme = self.server.faults, self.server.kme
+        endpoint = etsi_endpoint(url.path)
+        stall = self.server.quirks.stall_seconds(endpoint)
+        if stall > 0:
+            log.info("quirk stall: holding %s %s from %s for %.1f s", method, url.path, caller, stall)
+            time.sleep(stall)
         if body is None:
             self._answer(400, etsi014.encode_error("bad or too large request body"))
         elif url.path.startswith(ADMIN_PATH):
             self._answer(*faults.admin(method, url.path, body, caller))
-        elif (fault := faults.table.take(etsi_endpoint(url.path))) is not None:
-            faulty = serve_with_fault(fault, self.server.kme, (method, url.path, query, body, caller))
+        elif (fault := faults.table.take(endpoint)) is not None:
+            faulty = serve_with_fault(fault, kme, (method, url.path, query, body, caller))
             if faulty.close_without_answer:
                 self.close_connection = True  # the request was served; the answer is "lost"
                 return
-            self._answer(faulty.status, faulty.body, faulty.content_type)
+            self._answer(faulty.status, faulty.body, faulty.content_type, quirky=fault.kind != "error")
         else:
-            self._answer(*self.server.kme.handle(method, url.path, query, body, caller))
+            self._answer(*kme.handle(method, url.path, query, body, caller))
 
-    def _answer(self, status: int, answer: bytes, content_type: str = "application/json") -> None:
+    def _answer(
+        self, status: int, answer: bytes, content_type: str = "application/json", *, quirky: bool = True
+    ) -> None:
+        """Send one answer; error answers of the ETSI API first go through the error-body quirks."""
+        quirks = self.server.quirks
+        if quirky and status >= 400 and quirks and not _private_path(getattr(self, "path", "")):
+            status, answer, content_type = quirks.error_answer(status, answer, content_type)
         self.send_response(status)
         if status == 405:
             self.send_header("Allow", "GET, POST")
@@ -258,11 +298,15 @@ class KmeService:
 
         Raises:
             ConfigError: bad config or certificate files (``cert`` CN is not the KME ID, ``ca``
-                is not a CA certificate), or the address cannot be bound (named in the message).
+                is not a CA certificate, a subjectAltName in ``cert`` under quirk ``no-san``), or
+                the address cannot be bound (named in the message).
         """
-        check_kme_certificates(config.kme_id, ca=ca, cert=cert)
+        check_kme_certificates(config.kme_id, ca=ca, cert=cert, no_san="no-san" in config.quirks)
         kme = Kme(config)
         context = server_context(ca=ca, cert=cert, key=key)
+        kme.quirks.server_tls(context)
+        for line in describe(kme.quirks.names):
+            log.warning("KME %s quirk %s", config.kme_id, line)
         try:
             server = KmeHttpServer(listen, kme, context, FaultControl(config.admins))
         except OSError as exc:
@@ -360,14 +404,22 @@ def run_kme(
         ca, cert, key: lab CA, this KME's certificate (CN = ``config.kme_id``) and key.
         peer_url: the peer KME's base URL; None: enc_keys answers 503.
         faults: faults active from the start (``--fault``); a ``down`` one starts the outage.
+            Quirks come with ``config.quirks`` and are logged at start.
 
     Raises:
-        ConfigError: bad config, URL or certificate files.
+        ConfigError: bad config (an unknown quirk too), URL or certificate files.
         OSError: the address cannot be bound.
     """
     peer = None
     if peer_url is not None:
-        peer = HttpsPeerLink(peer_url, peer_kme_id=config.peer_kme_id, ca=ca, cert=cert, key=key)
+        peer = HttpsPeerLink(
+            peer_url,
+            peer_kme_id=config.peer_kme_id,
+            ca=ca,
+            cert=cert,
+            key=key,
+            quirks=Quirks(config.quirks),
+        )
     service = KmeService.bind(config, listen=listen, ca=ca, cert=cert, key=key)
     service.kme.peer = peer
     if peer is None:
@@ -406,18 +458,20 @@ def run_kme(
         log.info("KME %s stopped", config.kme_id)
 
 
-def check_kme_certificates(kme_id: str, *, ca: Path, cert: Path) -> None:
+def check_kme_certificates(kme_id: str, *, ca: Path, cert: Path, no_san: bool = False) -> None:
     """Check that ``cert``'s subject CN is ``kme_id`` and that ``ca`` is a CA certificate.
 
     Args:
         kme_id: the KME ID given on the command line.
-        ca: the lab CA certificate (PEM).
-        cert: this KME's certificate (PEM).
+        ca: the lab CA certificate (PEM; the first one of the file).
+        cert: this KME's certificate (PEM; the first one of the file, a chain may follow).
+        no_san: quirk ``no-san``: ``cert`` must also have no subjectAltName.
 
     Raises:
         ConfigError: a file is unreadable or not a PEM certificate, the CN differs from
-            ``kme_id`` (peers and SAEs would know this KME by the CN), or ``ca`` lacks
-            basicConstraints CA=true (RFC 5280 section 4.2.1.9).
+            ``kme_id`` (peers and SAEs would know this KME by the CN), ``ca`` lacks
+            basicConstraints CA=true (RFC 5280 section 4.2.1.9), or ``no_san`` and ``cert``
+            has a subjectAltName (RFC 5280 section 4.2.1.6).
     """
     ca_cert, own = _read_certificate(ca, "--ca"), _read_certificate(cert, "--cert")
     try:
@@ -432,6 +486,25 @@ def check_kme_certificates(kme_id: str, *, ca: Path, cert: Path) -> None:
         raise ConfigError(
             f"--cert {cert}: certificate CN is {shown}, but --kme-id is {kme_id}; they must match"
         )
+    if no_san and _has_san(own):
+        raise ConfigError(
+            f"--cert {cert}: quirk no-san needs a certificate without subjectAltName "
+            "(qgate.pki.make_pki(no_san_kmes=...) writes one)"
+        )
+
+
+def _has_san(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
+def _private_path(raw_path: str) -> bool:
+    """Whether a request path is a KME-to-KME or admin endpoint (quirks leave their answers alone)."""
+    path = urlsplit(raw_path).path
+    return path in (DELIVERED_PATH, INFO_PATH) or path.startswith(ADMIN_PATH)
 
 
 def _read_certificate(path: Path, option: str) -> x509.Certificate:

@@ -12,7 +12,8 @@ master at once without collisions.
   blocks; the overflow is lost. A delivered key of ``size`` bits consumes ``ceil(size / key_size)``
   consecutive blocks and is named by its first block's index.
 * :class:`IncomingStore` (slave side): keys the peer KME reported as delivered to its master SAE,
-  waiting for the slave SAE's dec_keys; each is handed out once and then forgotten.
+  waiting for the slave SAE's dec_keys; each is handed out once and then forgotten (only its
+  key_ID is remembered a while, for the ``consumed-401`` quirk).
 
 Nothing here locks; the simulator serialises access. Time comes in as ``now``: wall-clock
 seconds since the Unix epoch, so both KMEs index the stream alike and a restart resumes it.
@@ -24,7 +25,7 @@ import hashlib
 import hmac
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -39,6 +40,8 @@ MAX_DERIVED_KEY_BITS: Final = 255 * 32 * 8
 """Bits: the most HKDF-SHA-256 can output (RFC 5869 section 2.3), so the largest max_key_size."""
 SEEN_MEMORY: Final = 4
 """The slave store remembers this many x capacity consumed key indices to refuse replays."""
+UNKNOWN_KEY_ID: Final = "unknown key_ID"
+"""Error message of dec_keys for a key_ID not waiting (never delivered, taken, dropped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,7 @@ class IncomingStore:
         self._waiting: OrderedDict[str, DeliveredKey] = OrderedDict()
         self._consumed: set[int] = set()
         self._floor = 0  # indices below this are treated as consumed (memory bound)
+        self._taken: OrderedDict[str, None] = OrderedDict()  # key_IDs handed out, newest last
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -248,14 +252,36 @@ class IncomingStore:
         for key_id in key_ids:
             key = self._waiting.get(key_id)
             if key is None or key.master_sae != master_sae:
-                return Rejection(400, "unknown key_ID", ({"key_ID": key_id},))
+                return Rejection(400, UNKNOWN_KEY_ID, ({"key_ID": key_id},))
             if key.slave_sae != caller:
                 return Rejection(401, "key_ID was not delivered for this SAE", ({"key_ID": key_id},))
             found.append(key)
         for key in found:
             del self._waiting[key.key_id]
             self._consume(key.index)
+            self._taken[key.key_id] = None
+        while len(self._taken) > SEEN_MEMORY * self._capacity:
+            self._taken.popitem(last=False)
         return found
+
+    def was_taken(self, key_id: str) -> bool:
+        """Whether :meth:`take` handed ``key_id`` out (among the last SEEN_MEMORY x capacity)."""
+        return key_id in self._taken
+
+    def supersede(self, master_sae: str, slave_sae: str, *, keep: Collection[str] = ()) -> list[DeliveredKey]:
+        """Drop for good the waiting keys of one (master SAE, slave SAE) pair but ``keep``; return them.
+
+        The ``replace-on-enc`` quirk: a new enc_keys for the pair (its key_IDs in ``keep``)
+        replaces the keys its slave has not fetched yet.
+        """
+        pair = (master_sae, slave_sae)
+        gone = [
+            k for k in self._waiting.values() if (k.master_sae, k.slave_sae) == pair and k.key_id not in keep
+        ]
+        for key in gone:
+            del self._waiting[key.key_id]
+            self._consume(key.index)
+        return gone
 
     def forget(self, key_ids: Sequence[str]) -> list[str]:
         """Drop the waiting keys among ``key_ids`` for good (a KME losing them); return their IDs."""

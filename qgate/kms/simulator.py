@@ -11,10 +11,16 @@ Endpoints:
 * ``GET|POST /api/v1/keys/{slave_SAE_ID}/enc_keys`` (section 5.2; GET takes ``number``, ``size``),
 * ``GET|POST /api/v1/keys/{master_SAE_ID}/dec_keys`` (section 5.3; GET takes one ``key_ID``),
 * ``POST /kme/v1/delivered`` (peer KME only): key_IDs the peer handed to its master SAE,
+  ``{"master_SAE_ID": ..., "slave_SAE_ID": ..., "keys": [{"key_ID": ..., "index": i, "size":
+  bits}, ...]}``, plus ``"replace": true`` when they supersede the pair's keys not fetched yet
+  (quirk ``replace-on-enc`` of the peer),
 * ``GET /kme/v1/info`` (peer KME only): ``{"KME_ID": ..., "SAE_IDs": [...]}``.
 
 Injected faults and their admin API (``/kme/v1/admin/faults``) live in :mod:`qgate.kms.faults`
-and are applied by the HTTPS server, around :meth:`Kme.handle`.
+and are applied by the HTTPS server, around :meth:`Kme.handle`. Product quirks
+(:mod:`qgate.kms.quirks`, ``KmeConfig.quirks``) act here on Status, the key counts, the
+answers to exhausted stores and unknown key_IDs and the report to the peer; the server applies
+the TLS, stall and error-body ones.
 
 Errors: 400 bad request (bad parameters, unknown slave SAE, unknown key_ID), 401 caller not
 allowed, 404/405 unknown endpoint or method, 503 not enough key or the peer KME unreachable; all
@@ -37,8 +43,10 @@ from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError, KmsBadAnswerError, KmsError
 from qgate.kms import etsi014
 from qgate.kms.etsi014 import JsonObject, QkdKey, Status
+from qgate.kms.quirks import Quirks, check_quirks
 from qgate.kms.sim_store import (
     MAX_DERIVED_KEY_BITS,
+    UNKNOWN_KEY_ID,
     DeliveredKey,
     IncomingStore,
     LinkKeys,
@@ -87,6 +95,7 @@ class KmeConfig:
         initial_key_count: keys stored when the KME starts.
         admins: client certificate CNs allowed to call the fault admin API
             (``qgate.kms.faults``); empty: nobody.
+        quirks: product quirks, for good (names of ``qgate.kms.quirks.QUIRKS``); empty: none.
     """
 
     kme_id: str
@@ -105,9 +114,10 @@ class KmeConfig:
     burst_bits: int | None = None
     initial_key_count: int = 0
     admins: tuple[str, ...] = ()
+    quirks: tuple[str, ...] = ()
 
     def check(self) -> None:
-        """Raise ConfigError naming the first inconsistent setting."""
+        """Raise ConfigError naming the first inconsistent setting (or an unknown quirk)."""
         ids = [self.kme_id, self.peer_kme_id, *self.saes, *self.peer_saes]
         admins_ok = all(etsi014.valid_id(i, etsi014.SAE_ID_MAX_LEN) for i in self.admins)
         problems = [
@@ -137,6 +147,10 @@ class KmeConfig:
         for failed, text in problems:
             if failed:
                 raise ConfigError(f"kms-sim {self.kme_id}: {text}")
+        try:
+            check_quirks(self.quirks)
+        except ConfigError as exc:
+            raise ConfigError(f"kms-sim {self.kme_id}: {exc}") from exc
 
 
 class PeerLink(Protocol):
@@ -174,6 +188,7 @@ class Kme:
     ) -> None:
         config.check()
         self.config = config
+        self.quirks = Quirks(config.quirks)
         self.peer = peer
         self._clock = clock
         self._lock = threading.Lock()
@@ -283,16 +298,18 @@ class Kme:
             min_key_size=cfg.min_key_size,
             max_SAE_ID_count=0,
         )
-        return status.to_json()
+        return self.quirks.status(status).to_json()
 
-    def _enc_keys(self, caller: str, slave: str, number: int, size: int) -> bytes:
+    def _enc_keys(self, caller: str, slave: str, asked: int, size: int) -> bytes:
         cfg = self.config
-        if not 1 <= number <= cfg.max_key_per_request:
-            raise _Rejected(400, f"number must be 1..{cfg.max_key_per_request}", [{"number": str(number)}])
+        limit = self.quirks.max_key_per_request(cfg.max_key_per_request)
+        if not 1 <= asked <= limit:
+            raise _Rejected(400, f"number must be 1..{limit}", [{"number": str(asked)}])
         if size % 8 or not cfg.min_key_size <= size <= cfg.max_key_size:
             text = f"size must be a multiple of 8 in {cfg.min_key_size}..{cfg.max_key_size} bits"
             raise _Rejected(400, text, [{"size": str(size)}])
         self._require_peer_sae(slave)
+        number = self.quirks.served_number(asked)  # quirk short: fewer than asked
         per_key = math.ceil(size / cfg.key_size)
         with self._lock:
             now = self._clock()
@@ -304,7 +321,8 @@ class Kme:
             raise _Rejected(503, "KME clock went backwards: no key served until it catches up")
         if first is None:
             text = f"not enough key: {number} x {size} bits asked, {stored} x {cfg.key_size} bits stored"
-            raise _Rejected(503, text)
+            status, text = self.quirks.not_enough() or (503, text)
+            raise _Rejected(status, text)
         keys = [
             DeliveredKey(self._link.key_id(self._out_direction, idx), idx, size, caller, slave)
             for idx in range(first, first + number * per_key, per_key)
@@ -323,10 +341,15 @@ class Kme:
         )
 
     def _dec_keys(self, caller: str, master: str, key_ids: list[str]) -> bytes:
-        if len(key_ids) > self.config.max_key_per_request:
-            raise _Rejected(400, f"at most {self.config.max_key_per_request} key_IDs per request")
+        limit = self.quirks.max_key_per_request(self.config.max_key_per_request)
+        if len(key_ids) > limit:
+            raise _Rejected(400, f"at most {limit} key_IDs per request")
         with self._lock:
             result = self._incoming.take(caller, master, key_ids)
+            if isinstance(result, Rejection) and result.message == UNKNOWN_KEY_ID and self.quirks:
+                retrieved = any(self._incoming.was_taken(d.get("key_ID", "")) for d in result.details)
+                status, text = self.quirks.unknown_key(retrieved=retrieved) or (result.status, result.message)
+                result = Rejection(status, text, result.details)
         if isinstance(result, Rejection):
             raise _Rejected(result.status, result.message, result.details)
         log.info("dec_keys %s <- %s: key_IDs %s", caller, master, key_ids)
@@ -339,13 +362,14 @@ class Kme:
         if self.peer is None:
             raise _Rejected(503, "no channel to the peer KME")
         first = keys[0]
-        body = etsi014.dumps_json(
-            {
-                "master_SAE_ID": first.master_sae,
-                "slave_SAE_ID": first.slave_sae,
-                "keys": [{"key_ID": k.key_id, "index": k.index, "size": k.size_bits} for k in keys],
-            }
-        )
+        report: JsonObject = {
+            "master_SAE_ID": first.master_sae,
+            "slave_SAE_ID": first.slave_sae,
+            "keys": [{"key_ID": k.key_id, "index": k.index, "size": k.size_bits} for k in keys],
+        }
+        if "replace-on-enc" in self.quirks:
+            report["replace"] = True
+        body = etsi014.dumps_json(report)
         try:
             self.peer.report_delivered(body)
         except KmsError as exc:
@@ -391,9 +415,16 @@ class Kme:
             return etsi014.dumps_json({"KME_ID": self.config.kme_id, "SAE_IDs": list(self.config.saes)})
         if method != "POST":
             raise _Rejected(405, f"method {method} not allowed")
-        keys = self._parse_delivered(body)
+        keys, replace = self._parse_delivered(body)
         with self._lock:
             dropped, rejection = self._incoming.add(keys)
+            superseded = []
+            if replace and rejection is None:  # all or none: only once the new keys are in
+                new = {k.key_id for k in keys}
+                superseded = self._incoming.supersede(keys[0].master_sae, keys[0].slave_sae, keep=new)
+        if superseded:
+            gone = [k.key_id for k in superseded]
+            log.info("peer superseded unfetched key_IDs %s (it replaces on enc_keys)", gone)
         if rejection is not None:
             raise _Rejected(rejection.status, rejection.message, rejection.details)
         if dropped:
@@ -401,13 +432,17 @@ class Kme:
         log.info("peer delivered key_IDs %s for %s", [k.key_id for k in keys], keys[0].slave_sae)
         return b"{}"
 
-    def _parse_delivered(self, body: bytes) -> list[DeliveredKey]:
+    def _parse_delivered(self, body: bytes) -> tuple[list[DeliveredKey], bool]:
+        """Return the reported keys and whether they supersede the pair's waiting ones."""
         obj = _json_object(body)
         master, slave, raw_keys = obj.get("master_SAE_ID"), obj.get("slave_SAE_ID"), obj.get("keys")
         if not isinstance(master, str) or not isinstance(slave, str) or slave not in self.config.saes:
             raise _Rejected(400, "master_SAE_ID/slave_SAE_ID invalid or slave not attached here")
         if not isinstance(raw_keys, list) or not raw_keys:
             raise _Rejected(400, "keys must be a non-empty array")
+        replace = obj.get("replace", False)
+        if not isinstance(replace, bool):
+            raise _Rejected(400, "replace must be true or false")
         keys = []
         for raw in raw_keys:
             entry = raw if isinstance(raw, dict) else {}
@@ -421,7 +456,7 @@ class Kme:
             if not isinstance(key_id, str) or key_id != self._link.key_id(self._in_direction, index):
                 raise _Rejected(400, "key_ID does not match the link's key stream", [{"key_ID": str(key_id)}])
             keys.append(DeliveredKey(key_id, index, size, master, slave))
-        return keys
+        return keys, replace
 
     def _plausible_index(self, index: int) -> bool:
         """Whether the peer may have released block ``index`` recently, allowing MAX_CLOCK_SKEW."""

@@ -225,7 +225,7 @@ class PeerCore:
         self.interval = config.interval
         self.last_problem = ""  # the last local or authenticated problem (``_event``)
         self.last_unauthenticated_problem = ""
-        self._dead_key_ids: deque[str] = deque(maxlen=DEAD_KEY_IDS)
+        self._dead_key_ids: deque[tuple[str, int]] = deque(maxlen=DEAD_KEY_IDS)  # (key_ID, Kick reason)
         self.last_handshake_at: float | None = None
         self._answered: OrderedDict[bytes, tuple[int, bytes, int | None]] = OrderedDict()
         self._answered_at: dict[bytes, float] = {}  # request hash -> when its answer was last sent

@@ -27,6 +27,7 @@ from qgate.protocol.core import FORCED_KICK_GAP, PeerCore, Pending
 from qgate.protocol.epoch import Epoch
 from qgate.protocol.messages import (
     KEM_IDS,
+    KICK_KEY_REJECTED,
     KICK_NO_SESSION,
     KICK_QKD_UNAVAILABLE,
     NO_ANCHOR,
@@ -71,7 +72,11 @@ class MasterSteps(PeerCore):
     def _abandon(self, pending: Pending, now: float, why: str) -> None:
         """Drop a failed exchange and schedule the next try (docs/protocol.md 4.3, abandonment)."""
         self.stats.handshake_failures += 1
-        self._event("handshake_abandoned" if pending.kind == "hs" else "ratchet_abandoned", reason=why)
+        self._event(
+            "handshake_abandoned" if pending.kind == "hs" else "ratchet_abandoned",
+            reason=why,
+            key_ids=",".join(pending.key_ids),
+        )
         self._pending = None
         if self.config.may_degrade and not pending.degraded and why.startswith("qkd:"):
             self._begin_degraded(now, why)  # only this side's own KME failure, never the peer's word
@@ -301,11 +306,16 @@ class MasterSteps(PeerCore):
             # A stolen slave key must not buy a KEM handshake and a QKD key every few seconds.
             self.stats.kicks_ignored += 1
             return
-        if kick.reason == KICK_QKD_UNAVAILABLE and pending is not None and pending.key_ids:
+        if (
+            kick.reason in (KICK_QKD_UNAVAILABLE, KICK_KEY_REJECTED)
+            and pending is not None
+            and pending.key_ids
+        ):
             self._kick_driven(now, grow=False)  # a failing slave KME: recover as soon as it is back
             self._pending = None  # its key_ID is dead at the slave: a fresh key, never the dead one again
             self.stats.handshake_failures += 1
-            self._event("qkd_keys_unused", key_ids=",".join(pending.key_ids))
+            cause = "rejected" if kick.reason == KICK_KEY_REJECTED else "unavailable"
+            self._event("qkd_keys_unused", key_ids=",".join(pending.key_ids), cause=cause)
             self._begin(now, pending.kind if self.epochs.current is not None else "hs")
             return
         if kick.reason == KICK_NO_SESSION and (pending is None or pending.kind == "rk"):

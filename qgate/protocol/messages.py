@@ -37,7 +37,10 @@ KICK_NO_SESSION: Final = 0
 """Kick reason: the slave has no usable epoch (start, restart, or its keys expired)."""
 KICK_QKD_UNAVAILABLE: Final = 1
 """Kick reason: the slave's KME could not deliver the QKD key a handshake or ratchet named."""
-KICK_REASONS: Final = frozenset({KICK_NO_SESSION, KICK_QKD_UNAVAILABLE})
+KICK_KEY_REJECTED: Final = 2
+"""Kick reason: the slave's KME answered and refused the key_IDs an M1 or R1 named (unknown,
+consumed or expired there), so the master's other keys from that ``enc_keys`` may be dead too."""
+KICK_REASONS: Final = frozenset({KICK_NO_SESSION, KICK_QKD_UNAVAILABLE, KICK_KEY_REJECTED})
 ANCHOR_ID_SIZE: Final = 16
 """Bytes naming the QKD-backed chaining key a degraded handshake mixes in (zeros: none)."""
 NO_ANCHOR: Final = bytes(ANCHOR_ID_SIZE)

@@ -48,6 +48,7 @@ from qgate.protocol.core import (
 )
 from qgate.protocol.master import MasterSteps
 from qgate.protocol.messages import (
+    KICK_KEY_REJECTED,
     KICK_NO_SESSION,
     KICK_QKD_UNAVAILABLE,
     InitConfirm,
@@ -202,8 +203,13 @@ class Peer(MasterSteps, SlaveSteps):
             p.last_sent = now
         return False
 
-    def keys_failed(self, request_id: int, reason: str, now: float) -> None:
-        """Report that an ETSI 014 request failed (reason: a short text, no secrets)."""
+    def keys_failed(self, request_id: int, reason: str, now: float, *, rejected: bool = False) -> None:
+        """Report that an ETSI 014 request failed (reason: a short text, no secrets).
+
+        ``rejected``: the KME answered and refused the key_IDs themselves (unknown, consumed or
+        expired there; ``KmsKeyRejectedError``), not a KME that could not serve; a slave then
+        Kicks with reason KICK_KEY_REJECTED instead of KICK_QKD_UNAVAILABLE.
+        """
         self.stats.qkd_failures += 1
         if request_id not in self._inflight:  # the master's own enc_keys; a slave's dec_keys failure is
             self._kme_bad_at = now  # no evidence: the key_IDs came from the peer (maybe bogus ones)
@@ -214,8 +220,9 @@ class Peer(MasterSteps, SlaveSteps):
         context = self._inflight.pop(request_id, None)
         if context is not None:  # slave: those key_IDs are dead (maybe consumed); never ask for them again
             self._event("qkd_request_failed", reason=reason)
-            self._dead_key_ids.extend(context.msg.key_ids)
-            self.send_kick(now, KICK_QKD_UNAVAILABLE)  # signed: the master takes a fresh key
+            kick = KICK_KEY_REJECTED if rejected else KICK_QKD_UNAVAILABLE
+            self._dead_key_ids.extend((key_id, kick) for key_id in context.msg.key_ids)
+            self.send_kick(now, kick)  # signed: the master takes a fresh key
             return
         self._event("qkd_request_failed", reason=reason, retry_in=self._fetch_backoff)
         pending = self._pending
@@ -349,7 +356,7 @@ class Peer(MasterSteps, SlaveSteps):
         A Retry for an old Kick (replayed by an attacker) never makes a healthy slave Kick.
         """
         recent = now - (self._next_kick_at - KICK_INTERVAL) <= 2 * KICK_INTERVAL
-        reason_holds = self._kick_reason == KICK_QKD_UNAVAILABLE or not self.has_session(now)
+        reason_holds = self._kick_reason != KICK_NO_SESSION or not self.has_session(now)
         return recent and reason_holds and now >= self._next_forced_kick
 
     def _dispatch(self, msg: Message, body: bytes, now: float) -> None:

@@ -23,7 +23,6 @@ from qgate.protocol.epoch import Epoch
 from qgate.protocol.messages import (
     KEM_IDS,
     KICK_NO_SESSION,
-    KICK_QKD_UNAVAILABLE,
     NO_ANCHOR,
     NO_CHALLENGE,
     RANDOM_SIZE,
@@ -48,7 +47,7 @@ class SlaveSteps(PeerCore):
         if self.config.role != "slave":
             return
         if now < self._next_kick_at and not force:
-            if reason == KICK_QKD_UNAVAILABLE or self._kick_owed is None:
+            if reason != KICK_NO_SESSION or self._kick_owed is None:
                 self._kick_owed = reason  # sent when the rate limit allows (a dead key_ID outranks)
             return
         self._kick_owed = None
@@ -153,8 +152,9 @@ class SlaveSteps(PeerCore):
 
     def _dead(self, key_ids: tuple[str, ...], now: float) -> bool:
         """Whether a request names a key_ID whose delivery already failed here; Kick for a fresh one."""
-        if any(key_id in self._dead_key_ids for key_id in key_ids):
-            self.send_kick(now, KICK_QKD_UNAVAILABLE)
+        reasons = [reason for dead, reason in self._dead_key_ids if dead in key_ids]
+        if reasons:
+            self.send_kick(now, reasons[-1])
             return True
         return False
 
