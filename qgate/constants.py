@@ -112,6 +112,13 @@ QKD_PREFETCH_PROBATION_MAX: Final = 86400.0
 QKD_OUT_MAX_AGE: Final = 20.0
 """Seconds a key handed to an exchange counts as on its way to the slave at most (twice
 HANDSHAKE_TIMEOUT: every exchange ends by then), so a lost completion never blocks refills."""
+QKD_HEDGE_AFTER: Final = 0.5
+"""Seconds without a KME answer after which a key request counts as stalled at the latest
+(before any answer time is known): dec_keys is sent once more in parallel, a rekey waiting for a
+refill asks by itself (implementation choice: well below a 1 s rekey interval). With answer
+times known it is 4 x their median, at least QKD_HEDGE_MIN (the "tail at scale" hedge)."""
+QKD_HEDGE_MIN: Final = 0.1
+"""Seconds: the earliest a key request counts as stalled, however fast the KME usually is."""
 QKD_SLOW_ANSWER: Final = 1.0
 """Seconds: a KME answer slower than this is counted as slow (status shows it)."""
 QKD_STOCK_HORIZON: Final = 60.0

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from qgate.constants import (
+    QKD_HEDGE_AFTER,
+    QKD_HEDGE_MIN,
     QKD_OUT_MAX_AGE,
     QKD_PREFETCH_PROBATION,
     QKD_PREFETCH_PROBATION_MAX,
@@ -54,6 +56,8 @@ ON_DEMAND: Final = -1
 COUNT_CONTRADICTIONS: Final = 2
 """Status answers with ``stored_key_count`` 0 while ``enc_keys`` delivered within one poll period
 after which the count is no longer believed (one could be a KME that really ran dry)."""
+LATENCY_SAMPLES: Final = 32
+"""KME answer times kept for the stall threshold (:meth:`KmeView.hedge_after`)."""
 SERVED_MEMORY: Final = 256
 """key_IDs handed out whose batch is remembered, for a rejection that arrives late."""
 
@@ -287,7 +291,9 @@ class KmeView:
         self.short_answers = 0
         self.slow_answers = 0
         self.slowest_s = 0.0
+        self.stalls = 0
         self.last_error = ""
+        self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._zero_count_at: float | None = None
         self._counted_zero: float | None = None
         self._contradictions = 0
@@ -296,8 +302,21 @@ class KmeView:
         """The KME answered a request (any HTTP status) after ``seconds``."""
         self.reachable = True
         self.slowest_s = max(self.slowest_s, seconds)
+        self._latencies.append(seconds)
         if seconds >= QKD_SLOW_ANSWER:
             self.slow_answers += 1
+
+    def stalled(self) -> None:
+        """A key request had no answer after :meth:`hedge_after` seconds (it was asked again)."""
+        self.stalls += 1
+
+    def hedge_after(self) -> float:
+        """Seconds after which a key request counts as stalled: 4 x the median of the last
+        LATENCY_SAMPLES answers, within [QKD_HEDGE_MIN, QKD_HEDGE_AFTER]."""
+        if not self._latencies:
+            return QKD_HEDGE_AFTER
+        median = sorted(self._latencies)[len(self._latencies) // 2]
+        return min(QKD_HEDGE_AFTER, max(QKD_HEDGE_MIN, 4 * median))
 
     def unreachable(self, error: str) -> bool:
         """No HTTP answer (connection, timeout, TLS). Return True if this changes the state."""
@@ -340,8 +359,11 @@ class KmeView:
         """Whether the KME said "no keys" within QKD_STOCK_HORIZON (pacing without a count)."""
         return self.exhausted_at is not None and now - self.exhausted_at <= QKD_STOCK_HORIZON
 
-    def behaviours(self, qkd_key_bits: int) -> list[str]:
-        """Plain-language notes on how this KME behaves (for ``qgate status`` and logs)."""
+    def behaviours(self, qkd_key_bits: int, prefetch: int = 0) -> list[str]:
+        """Plain-language notes on how this KME behaves (for ``qgate status`` and logs).
+
+        ``prefetch``: the stock's target; a ``max_key_per_request`` below it is noted.
+        """
         notes: list[str] = []
         status = self.status
         if not self.count_trusted:
@@ -355,8 +377,11 @@ class KmeView:
             )
             if not any(limits):
                 notes.append("states no limits (max_key_count, max_key_per_request, key sizes all 0)")
-            if status.max_key_per_request:
-                notes.append(f"max_key_per_request {status.max_key_per_request}")
+            if 0 < status.max_key_per_request < prefetch:
+                notes.append(
+                    f"max_key_per_request {status.max_key_per_request}: prefetch batches of "
+                    f"{status.max_key_per_request}, not qkd_prefetch {prefetch}"
+                )
             if status.max_key_size and not status.min_key_size <= qkd_key_bits <= status.max_key_size:
                 notes.append(
                     f"serves keys of {status.min_key_size}-{status.max_key_size} bits, policy qkd_key_bits "
@@ -366,6 +391,8 @@ class KmeView:
             notes.append(f"status unreadable: {self.status_error}")
         if self.short_answers:
             notes.append(f"answered enc_keys with fewer keys than asked {self.short_answers} times (kept)")
+        if self.stalls:
+            notes.append(f"stalled {self.stalls} times (no answer in time; dec_keys asked again in parallel)")
         if self.slow_answers:
             notes.append(
                 f"{self.slow_answers} answers slower than {QKD_SLOW_ANSWER:g} s"

@@ -46,6 +46,10 @@ TUNNEL_TIMEOUT: Final = 25.0
 """Seconds to wait for the first ping through the tunnel."""
 KME_TIMEOUT: Final = 15.0
 """Seconds to wait for both KMEs to listen."""
+REKEY_RATE_MIN_WINDOW: Final = 30.0
+"""Seconds of traffic from which a run checks the rekey rate (shorter: one rekey more or less is 10 %)."""
+REKEY_RATE_TOLERANCE: Final = 0.1
+"""Rekeys per configured interval may differ from 1 by this much (issue 11: within 10 %)."""
 PING_PATTERN_SIZE: Final = 16
 """Bytes of random ``ping -p`` pattern, so ping payload is recognisable in the capture."""
 KEPT_PREFIXES: Final = ("kme-", "gateway-")
@@ -448,9 +452,11 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     watch = lab.start_qgate(overrides=overrides, kme_quirks=opts.kme_quirks) if lab.tunnel else []
     waited = lab.wait_path(watch)
     before = {s: fresh_stats(lab.run_dir / f"stats-{s}.json") for s in ("a", "b")} if lab.tunnel else {}
+    window_start = time.monotonic()
     traffic = run_traffic(lab, lab.run_dir / "payload.bin", seconds=opts.seconds, pattern=pattern,
                           pings=opts.pings)  # fmt: skip
     status = [gateway_status(lab, site) for site in ("a", "b")] if lab.tunnel else []
+    window = time.monotonic() - window_start  # the master's counters below span about this long
     final: dict[str, dict[str, object]] = {}
     for child in watch:
         site = child.name[-1]
@@ -473,6 +479,7 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
                          classify=classify, index=index)  # fmt: skip
     result = summarise(lab, traffic, report, before, final, waited=waited, dropped=_tcpdump_dropped(capture))
     if lab.tunnel:
+        _rekey_rate(result, window)
         result["status"] = status
         result["audit_verified"] = all(audit_verified(lab, site) for site in ("a", "b"))
         checks = result.get("checks")
@@ -480,6 +487,20 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
             checks["audit_verified"] = result["audit_verified"]
             result["ok"] = all(checks.values())
     return result
+
+
+def _rekey_rate(result: dict[str, object], window: float) -> None:
+    """Add ``rekey_window_s``, ``rekeys_per_interval`` and, for windows of REKEY_RATE_MIN_WINDOW
+    seconds or more, the check ``rekeys_at_rate``: the master's rekeys (ratchet steps and full
+    handshakes, one QKD key each) per ``rekey.interval`` within REKEY_RATE_TOLERANCE of 1."""
+    rekeys = _counter(result, "rekeys_qkd") + _counter(result, "rekeys_kem")
+    per_interval = rekeys * setup.LAB_REKEY["interval"] / max(window, 1e-3)
+    result["rekey_window_s"] = round(window, 2)
+    result["rekeys_per_interval"] = round(per_interval, 3)
+    checks = result.get("checks")
+    if window >= REKEY_RATE_MIN_WINDOW and isinstance(checks, dict):
+        checks["rekeys_at_rate"] = abs(per_interval - 1.0) <= REKEY_RATE_TOLERANCE
+        result["ok"] = all(checks.values())
 
 
 def gateway_status(lab: Lab, site: str) -> dict[str, object]:

@@ -7,6 +7,12 @@ status (section 5.1), stretches the ratchet interval when keys run short, and re
 KME does in a :class:`~qgate.keysupply.KmeView`. Requests run in the loop's default executor
 (the client blocks); results come back on the loop.
 
+A stalled KME (no answer after :meth:`~qgate.keysupply.KmeView.hedge_after`, 4 x its median
+answer time within 0.1-0.5 s) does not hold a rekey
+back: ``dec_keys`` is asked once more in parallel (the same key_IDs: the KME hands them out
+once, so the first answer with keys wins and the other's error is ignored), and a rekey waiting
+for a stalled refill asks ``enc_keys`` itself.
+
 Logging: one line per change of the KME's state (reachable, failing with a given cause, working
 again), never one per retry; the engine's retries back off by themselves (capped, see
 ``FETCH_BACKOFF_MAX`` and ``QKD_PREFETCH_RETRY_MAX``).
@@ -19,7 +25,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from qgate.constants import QKD_STOCK_HORIZON, STATUS_POLL_INTERVAL
@@ -64,6 +70,15 @@ class TlsDiagnosis(Protocol):
     def __call__(self) -> object: ...
 
 
+@dataclass
+class _Attempts:
+    """The requests made for one Fetch*Keys action (the original, and a hedged twin for dec_keys)."""
+
+    pending: int = 1
+    done: bool = False
+    error: asyncio.Future[list[QkdKey]] | None = None
+
+
 class PeerSupply:
     """QKD keys for one peer's engine (see the module doc).
 
@@ -98,6 +113,8 @@ class PeerSupply:
         self.view = KmeView()
         self.next_status_at = 0.0
         self._parked: list[FetchEncKeys] = []
+        self._unparked: set[int] = set()  # request_ids that waited for a refill long enough
+        self.hedged = 0  # dec_keys asked a second time because the first was stalled
         self._failing: str | None = None  # the cause of the current failure streak, logged once
         self._size_warned = False
 
@@ -111,8 +128,11 @@ class PeerSupply:
                 if stocked is not None:  # prefetched: no KME round trip on the rekey path
                     loop.call_soon(self._deliver, action, stocked)
                     return
-                if self.stock.refilling:  # never race the refill with a second enc_keys
+                if self.stock.refilling and action.request_id not in self._unparked:
+                    # Wait for the refill rather than race it with a second enc_keys; a stalled
+                    # refill is waited for hedge_after() at most, then the rekey asks by itself.
                     self._parked.append(action)
+                    loop.call_later(self.view.hedge_after(), self._park_expired, action)
                     return
                 self.stock.on_demand()
             sae, number, bits = self.policy.sae_id, action.number, action.size_bits
@@ -123,8 +143,47 @@ class PeerSupply:
                 self.kms.dec_keys, self.policy.sae_id, action.key_ids, size_bits=self.policy.qkd_key_bits
             )
         started = time.monotonic()
+        attempt = _Attempts()
         future = loop.run_in_executor(None, call)
-        future.add_done_callback(functools.partial(self._fetched, action, started))
+        future.add_done_callback(functools.partial(self._attempted, action, started, attempt, True))
+        if isinstance(action, FetchDecKeys):  # asking twice for the same key_IDs is safe: one wins
+            loop.call_later(self.view.hedge_after(), self._hedge, action, call, attempt)
+
+    def _hedge(self, action: FetchDecKeys, call: Callable[[], list[QkdKey]], attempt: _Attempts) -> None:
+        """The KME has not answered dec_keys within hedge_after(): ask once more in parallel."""
+        if attempt.done:
+            return
+        attempt.pending += 1
+        self.hedged += 1
+        self.view.stalled()
+        future = self._loop().run_in_executor(None, call)
+        future.add_done_callback(functools.partial(self._attempted, action, time.monotonic(), attempt, False))
+
+    def _attempted(
+        self,
+        action: FetchEncKeys | FetchDecKeys,
+        started: float,
+        attempt: _Attempts,
+        original: bool,
+        future: asyncio.Future[list[QkdKey]],
+    ) -> None:
+        """One request of an exchange answered: the first success wins; else the original's error."""
+        attempt.pending -= 1
+        if attempt.done:
+            return  # a hedged twin already delivered (this one lost the race: its error means nothing)
+        if future.exception() is None or attempt.pending == 0:
+            attempt.done = True
+            if future.exception() is not None and attempt.error is not None:
+                future = attempt.error  # report what the original request met
+            self._fetched(action, started, future)
+        elif original:
+            attempt.error = future
+
+    def _park_expired(self, action: FetchEncKeys) -> None:
+        if action in self._parked:
+            self._parked.remove(action)
+            self._unparked.add(action.request_id)
+            self.fetch(action, time.monotonic())
 
     def _fetched(
         self, action: FetchEncKeys | FetchDecKeys, started: float, future: asyncio.Future[list[QkdKey]]
@@ -250,6 +309,7 @@ class PeerSupply:
         self._unpark(now)
 
     def _unpark(self, now: float) -> None:
+        self._unparked.clear()
         parked, self._parked = self._parked, []
         for action in parked:
             self.fetch(action, now)
@@ -359,9 +419,10 @@ class PeerSupply:
             "keys_discarded": stats.discarded,
             "short_answers": view.short_answers,
             "slow_answers": view.slow_answers,
+            "hedged_requests": self.hedged,
             "last_error": view.last_error,
             "tls_diagnosis": self.tls_diagnosis if view.reachable is False else "",
-            "behaviour": view.behaviours(self.policy.qkd_key_bits),
+            "behaviour": view.behaviours(self.policy.qkd_key_bits, self.stock.target),
         }
 
 

@@ -265,8 +265,8 @@ def test_the_view_names_limits_sizes_short_and_slow_answers() -> None:
     view.status_seen(Status("K1", "K2", "S1", "S2", 256, 10, 0, 0, 0, 0, 0), 0.0)
     assert any("states no limits" in n for n in view.behaviours(256))
     view.status_seen(_status(per_request=4, low=128, high=128), 1.0)
-    notes = view.behaviours(256)
-    assert "max_key_per_request 4" in notes
+    notes = view.behaviours(256, prefetch=16)
+    assert any(n.startswith("max_key_per_request 4: prefetch batches of 4") for n in notes)
     assert any("qkd_key_bits 256 is outside" in n for n in notes)
     view.keys_delivered(2.0, asked=4, got=2)
     view.answered(2.0, 3.2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.kmes import Canned, serve_canned
 
 from qgate.errors import (
     KmsAuthError,
@@ -28,9 +28,8 @@ from qgate.errors import (
     KmsUnavailableError,
 )
 from qgate.kms import etsi014
-from qgate.kms.client import Etsi014Client, server_context
+from qgate.kms.client import Etsi014Client
 from qgate.kms.etsi014 import ErrorVerdict, Status, classify_error
-from qgate.kms.sim_server import KmeHttpServer
 from qgate.pki import make_pki
 
 ID1 = "550e8400-e29b-41d4-a716-446655440000"
@@ -400,39 +399,12 @@ def test_short_answer_is_checked_key_by_key(answer: bytes, error: str) -> None:
 # --- the client against a canned HTTPS KME ---------------------------------------------------------
 
 
-class Canned:
-    """Stands in for a Kme: answers every request with ``answer``."""
-
-    def __init__(self) -> None:
-        self.answer: tuple[int, bytes] = (200, b"{}")
-
-    def handle(
-        self, method: str, path: str, query: object, body: bytes, caller: str | None
-    ) -> tuple[int, bytes]:
-        return self.answer
-
-
 @pytest.fixture(scope="module")
 def canned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Canned, Etsi014Client]]:
     pki: Path = tmp_path_factory.mktemp("pki")
     make_pki(pki, kmes={"KME_A": ["127.0.0.1"]}, saes=["SAE_A"])
-    fake = Canned()
-    context = server_context(ca=pki / "ca.pem", cert=pki / "KME_A.pem", key=pki / "KME_A.key")
-    server = KmeHttpServer(("127.0.0.1", 0), fake, context)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client = Etsi014Client(
-        f"https://127.0.0.1:{server.server_address[1]}",
-        ca=pki / "ca.pem",
-        cert=pki / "SAE_A.pem",
-        key=pki / "SAE_A.key",
-        timeout=5.0,
-    )
-    try:
-        yield fake, client
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_canned(pki, timeout=5.0) as served:
+        yield served
 
 
 def test_client_returns_a_short_answer(canned: tuple[Canned, Etsi014Client]) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.kmes import link_kmes, start_kme
 
 from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError, KmsAuthError, KmsBadAnswerError, KmsUnavailableError
@@ -28,8 +29,7 @@ from qgate.kms.faults import (
     mangle_keys,
     parse_fault_option,
 )
-from qgate.kms.sim_server import HttpsPeerLink, KmeService
-from qgate.kms.simulator import KmeConfig
+from qgate.kms.sim_server import KmeService
 from qgate.pki import make_pki
 
 TIMEOUT = 5.0
@@ -67,51 +67,14 @@ class Lab:
         return self.client(self.b, "SAE_B")
 
 
-def start_kme(pki: Path, kme_id: str, peer: str, admins: tuple[str, ...]) -> KmeService:
-    sae, peer_sae = ("SAE_A", "SAE_B") if kme_id == "KME_A" else ("SAE_B", "SAE_A")
-    config = KmeConfig(
-        kme_id=kme_id,
-        peer_kme_id=peer,
-        saes=(sae,),
-        peer_saes=(peer_sae,),
-        link_secret=Secret((pki / "link.secret").read_bytes()),
-        rate=0.0,
-        initial_key_count=600,
-        max_key_per_request=16,
-        admins=admins,
-    )
-    service = KmeService.bind(
-        config,
-        listen=("127.0.0.1", 0),
-        ca=pki / "ca.pem",
-        cert=pki / f"{kme_id}.pem",
-        key=pki / f"{kme_id}.key",
-    )
-    service.start()
-    return service
-
-
-def link(pki: Path, service: KmeService, peer: KmeService) -> None:
-    me = service.kme.config.kme_id
-    service.kme.peer = HttpsPeerLink(
-        f"https://127.0.0.1:{peer.port}",
-        peer_kme_id=peer.kme.config.kme_id,
-        ca=pki / "ca.pem",
-        cert=pki / f"{me}.pem",
-        key=pki / f"{me}.key",
-        timeout=1.0,
-    )
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     pki = tmp_path_factory.mktemp("pki")
     make_pki(pki, kmes={"KME_A": [], "KME_B": []}, saes=["SAE_A", "SAE_B", "ADMIN"])
-    a = start_kme(pki, "KME_A", "KME_B", ("ADMIN", "KME_B"))
-    b = start_kme(pki, "KME_B", "KME_A", ())
+    a = start_kme(pki, "KME_A", saes=("SAE_A",), peer_saes=("SAE_B",), admins=("ADMIN", "KME_B"))
+    b = start_kme(pki, "KME_B", saes=("SAE_B",), peer_saes=("SAE_A",))
     try:
-        link(pki, a, b)
-        link(pki, b, a)
+        link_kmes(pki, a, b, timeout=1.0)
         yield Lab(pki, a, b)
     finally:
         a.stop()
@@ -429,7 +392,7 @@ def test_kme_down_refuses_connections_then_comes_back_on_the_same_port(lab: Lab)
 
 
 def test_kme_stopped_while_down_stays_down(lab: Lab) -> None:
-    service = start_kme(lab.pki, "KME_A", "KME_B", ("ADMIN",))
+    service = start_kme(lab.pki, "KME_A", saes=("SAE_A",), peer_saes=("SAE_B",), admins=("ADMIN",))
     client = lab.client(service, "SAE_A")
     try:
         service.faults.inject(parse_fault_option("down:seconds=0.3"))

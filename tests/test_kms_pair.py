@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.kmes import Canned, link_kmes, serve_canned, start_kme
 
 from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError, KmsAuthError, KmsBadAnswerError, KmsUnavailableError
-from qgate.kms.client import Etsi014Client, MtlsHttps, server_context
-from qgate.kms.sim_server import HttpsPeerLink, KmeHttpServer, KmeService
+from qgate.kms.client import Etsi014Client, MtlsHttps
+from qgate.kms.sim_server import KmeService
 from qgate.kms.simulator import KmeConfig
 from qgate.pki import make_pki
 
@@ -50,56 +51,16 @@ class Lab:
         )
 
 
-def start_kme(
-    pki: Path,
-    kme_id: str,
-    peer: str,
-    saes: tuple[str, ...],
-    *,
-    host: str = "127.0.0.1",
-    initial: int = 600,
-    peer_saes: tuple[str, ...] = (),
-) -> KmeService:
-    config = KmeConfig(
-        kme_id=kme_id,
-        peer_kme_id=peer,
-        saes=saes,
-        link_secret=Secret((pki / "link.secret").read_bytes()),
-        rate=0.0,
-        max_key_count=1000,
-        initial_key_count=initial,
-        peer_saes=peer_saes,
-        max_key_per_request=16,
-    )
-    service = KmeService.bind(
-        config, listen=(host, 0), ca=pki / "ca.pem", cert=pki / f"{kme_id}.pem", key=pki / f"{kme_id}.key"
-    )
-    service.start()
-    return service
-
-
-def link(pki: Path, service: KmeService, peer: KmeService) -> None:
-    me = service.kme.config.kme_id
-    service.kme.peer = HttpsPeerLink(
-        f"https://127.0.0.1:{peer.port}",
-        peer_kme_id=peer.kme.config.kme_id,
-        ca=pki / "ca.pem",
-        cert=pki / f"{me}.pem",
-        key=pki / f"{me}.key",
-    )
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     pki, rogue = tmp_path_factory.mktemp("pki"), tmp_path_factory.mktemp("rogue")
     ids = {"kmes": {"KME_A": ["127.0.0.1"], "KME_B": []}, "saes": ["SAE_A", "SAE_B", "SAE_C"]}
     make_pki(pki, **ids)  # type: ignore[arg-type]
     make_pki(rogue, **ids)  # type: ignore[arg-type]
-    a = start_kme(pki, "KME_A", "KME_B", ("SAE_A", "SAE_C"))
-    b = start_kme(pki, "KME_B", "KME_A", ("SAE_B",))
+    a = start_kme(pki, "KME_A", peer_saes=())  # SAE_A, SAE_C; asks KME_B for its SAEs
+    b = start_kme(pki, "KME_B", peer_saes=())  # SAE_B
     try:
-        link(pki, a, b)
-        link(pki, b, a)
+        link_kmes(pki, a, b)
         yield Lab(pki, rogue, a, b)
     finally:
         a.stop()
@@ -212,7 +173,7 @@ def test_unknown_slave_sae_is_400(lab: Lab) -> None:
 
 def test_more_keys_than_stored_is_503_unavailable(lab: Lab) -> None:
     empty = start_kme(
-        lab.pki, "KME_A", "KME_B", ("SAE_A",), initial=0, peer_saes=("SAE_B",)
+        lab.pki, "KME_A", saes=("SAE_A",), peer_saes=("SAE_B",), initial=0
     )  # rate 0: never any key
     try:
         client = lab.client(empty, "SAE_A")
@@ -229,7 +190,7 @@ def test_client_refuses_untrusted_kme_certificate(lab: Lab) -> None:
 
 
 def test_client_refuses_kme_certificate_for_another_address(lab: Lab) -> None:
-    other = start_kme(lab.pki, "KME_B", "KME_A", ("SAE_B",), host="127.0.0.2")  # cert: 127.0.0.1 only
+    other = start_kme(lab.pki, "KME_B", peer_saes=(), host="127.0.0.2")  # cert: 127.0.0.1 only
     try:
         client = Etsi014Client(
             f"https://127.0.0.2:{other.port}",
@@ -247,37 +208,10 @@ def test_client_refuses_kme_certificate_for_another_address(lab: Lab) -> None:
 # --- client error mapping against a canned HTTPS server --------------------------------------------
 
 
-class Canned:
-    """Stands in for a Kme: answers every request with ``answer``."""
-
-    def __init__(self) -> None:
-        self.answer: tuple[int, bytes] = (200, b"{}")
-
-    def handle(
-        self, method: str, path: str, query: object, body: bytes, caller: str | None
-    ) -> tuple[int, bytes]:
-        return self.answer
-
-
 @pytest.fixture(scope="module")
 def canned(lab: Lab) -> Iterator[tuple[Canned, Etsi014Client]]:
-    fake = Canned()
-    context = server_context(ca=lab.pki / "ca.pem", cert=lab.pki / "KME_A.pem", key=lab.pki / "KME_A.key")
-    server = KmeHttpServer(("127.0.0.1", 0), fake, context)  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client = Etsi014Client(
-        f"https://127.0.0.1:{server.server_address[1]}",
-        ca=lab.pki / "ca.pem",
-        cert=lab.pki / "SAE_A.pem",
-        key=lab.pki / "SAE_A.key",
-        timeout=TIMEOUT,
-    )
-    try:
-        yield fake, client
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_canned(lab.pki, timeout=TIMEOUT) as served:
+        yield served
 
 
 def keys_body(*entries: tuple[str, bytes]) -> bytes:

@@ -27,6 +27,7 @@ import yaml
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from support.kmes import link_kmes, start_kme
 
 from qgate import lab_setup
 from qgate.cli.kms import kms_sim
@@ -39,7 +40,7 @@ from qgate.kms.quirks import (
     STALL_SECONDS,
     Quirks,
 )
-from qgate.kms.sim_server import HttpsPeerLink, KmeService
+from qgate.kms.sim_server import KmeService
 from qgate.kms.simulator import DELIVERED_PATH, Kme, KmeConfig
 from qgate.pki import make_pki
 
@@ -119,46 +120,6 @@ class Pair:
         return call(self.pki, self.b, "SAE_B", "POST", f"{API}/{master}/dec_keys", body)
 
 
-def start_kme(pki: Path, kme_id: str, quirks: tuple[str, ...], initial: int) -> KmeService:
-    saes, peer, peer_saes = (
-        (("SAE_A", "SAE_C"), "KME_B", ("SAE_B",))
-        if kme_id == "KME_A"
-        else (("SAE_B",), "KME_A", ("SAE_A", "SAE_C"))
-    )
-    config = KmeConfig(
-        kme_id=kme_id,
-        peer_kme_id=peer,
-        saes=saes,
-        peer_saes=peer_saes,
-        link_secret=Secret((pki / "link.secret").read_bytes()),
-        rate=0.0,
-        initial_key_count=initial,
-        max_key_per_request=16,
-        quirks=quirks,
-    )
-    service = KmeService.bind(
-        config,
-        listen=("127.0.0.1", 0),
-        ca=pki / "ca.pem",
-        cert=pki / f"{kme_id}.pem",
-        key=pki / f"{kme_id}.key",
-    )
-    service.start()
-    return service
-
-
-def link(pki: Path, service: KmeService, peer: KmeService) -> None:
-    me = service.kme.config.kme_id
-    service.kme.peer = HttpsPeerLink(
-        f"https://127.0.0.1:{peer.port}",
-        peer_kme_id=peer.kme.config.kme_id,
-        ca=pki / "ca.pem",
-        cert=pki / f"{me}.pem",
-        key=pki / f"{me}.key",
-        quirks=service.kme.quirks,
-    )
-
-
 def new_pki(where: Path, **options: object) -> Path:
     make_pki(where, kmes={"KME_A": [], "KME_B": []}, saes=["SAE_A", "SAE_B", "SAE_C"], **options)  # type: ignore[arg-type]
     return where
@@ -178,12 +139,11 @@ def make_pair(pki: Path) -> Iterator[PairFactory]:
     started: list[KmeService] = []
 
     def make(*quirks: str, initial: int = INITIAL, pki_dir: Path = pki) -> Pair:
-        a = start_kme(pki_dir, "KME_A", quirks, initial)
+        a = start_kme(pki_dir, "KME_A", quirks=quirks, initial=initial)
         started.append(a)
-        b = start_kme(pki_dir, "KME_B", quirks, initial)
+        b = start_kme(pki_dir, "KME_B", quirks=quirks, initial=initial)
         started.append(b)
-        link(pki_dir, a, b)
-        link(pki_dir, b, a)
+        link_kmes(pki_dir, a, b)
         return Pair(pki_dir, a, b)
 
     try:
@@ -491,7 +451,7 @@ def test_no_san_server_fails_hostname_checks_and_is_reached_by_cn_or_fingerprint
 
 def test_no_san_refuses_a_certificate_with_a_subject_alt_name(pki: Path) -> None:
     with pytest.raises(ConfigError, match="quirk no-san needs a certificate without subjectAltName"):
-        start_kme(pki, "KME_A", ("no-san",), 0)
+        start_kme(pki, "KME_A", quirks=("no-san",), initial=0)
 
 
 # --- stall -----------------------------------------------------------------------------------------
@@ -545,7 +505,7 @@ def test_kms_sim_rejects_unknown_quirks_and_documents_all(pki: Path) -> None:
 
 def test_kme_logs_its_quirks_at_start(pki: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="qgate.kms.sim_server"):
-        service = start_kme(pki, "KME_A", ("zero-count", "stall"), 0)
+        service = start_kme(pki, "KME_A", quirks=("zero-count", "stall"), initial=0)
     service.stop()
     assert "KME KME_A quirk zero-count: Status stored_key_count always 0" in caplog.text
     assert "KME KME_A quirk stall: every 5th" in caplog.text
