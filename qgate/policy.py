@@ -451,7 +451,8 @@ PEER_QKD_KEY_BITS: Final = Field(
 PEER_QKD_PREFETCH: Final = Field(
     "qkd_prefetch",
     Integer(0, 1024, "keys"),
-    "QKD keys fetched ahead of need by the master, so a slow KME never stalls a rekey (0 = off)",
+    "QKD keys fetched ahead of need by the master (one enc_keys answer, at most the KME's"
+    " max_key_per_request), so a slow KME never stalls a rekey (0 = off)",
     PeerPolicy.qkd_prefetch,
 )
 PEER_REKEY: Final = Field(
