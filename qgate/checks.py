@@ -47,6 +47,7 @@ from qgate.certs import (
 )
 from qgate.errors import ConfigError, PolicyError
 from qgate.keyfiles import load_identity, load_peer_public_key, load_ppk
+from qgate.kms.tls import SECURE_TLS12_CIPHERS, TLS_VERSIONS, classify
 from qgate.policy import GatewayPolicy, KmePolicy, PeerPolicy, PpkPolicy, load_policy
 from qgate.policy_schema import PolicyYamlLoader
 from qgate.privileges import check_file_safety
@@ -252,8 +253,10 @@ def fetch_server_chain(kme: KmePolicy) -> list[x509.Certificate]:
     """Do a TLS handshake with the KME at ``kme.url`` and return the certificates it sent, leaf first.
 
     Nothing is verified here (``CERT_NONE``, for this fetch only: the caller verifies with
-    cryptography) and no HTTP request is sent, so no key is consumed. The SAE certificate and key are
-    presented when they load (a KME asking for a client certificate may refuse the handshake without).
+    cryptography) and no HTTP request is sent, so no key is consumed. The policy's TLS versions
+    and TLS 1.2 ciphers (``kme.tls_min_version``, ``kme.tls_ciphers``) are offered, as the gateway
+    would. The SAE certificate and key are presented when they load (a KME asking for a client
+    certificate may refuse the handshake without).
 
     Raises:
         OSError: the KME cannot be reached, or the TLS handshake failed (``ssl.SSLError``).
@@ -264,7 +267,9 @@ def fetch_server_chain(kme: KmePolicy) -> list[x509.Certificate]:
     if not host:
         raise ValueError(f"no host in {kme.url!r}")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = TLS_VERSIONS[kme.tls_min_version]
+    with contextlib.suppress(ssl.SSLError):  # a cipher list that selects nothing fails the policy load
+        context.set_ciphers(kme.tls_ciphers or SECURE_TLS12_CIPHERS)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # fetch only; verified below with cryptography
     with contextlib.suppress(OSError, ssl.SSLError):  # an unusable cert/key is reported by the file checks
@@ -346,6 +351,13 @@ def _check_server(
     """Fetch the KME's server certificate (TLS handshake only) and check it; return the ``ok`` line."""
     try:
         chain = fetch_server_chain(kme)
+    except ssl.SSLError as exc:  # the handshake failed the way the gateway's would: name the cause
+        tls = classify(exc, expected_name=kme.server_name or "", cert=kme.cert, handshake_done=False)
+        report.errors.append(
+            ("kme.url", f"TLS handshake with {kme.url} failed ({tls.cause}): {tls.text}; "
+             "`qgate kme probe` shows what the KME offers")
+        )  # fmt: skip
+        return []
     except (OSError, ValueError) as exc:
         reason = str(exc) or type(exc).__name__
         report.warnings.append(

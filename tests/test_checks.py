@@ -329,15 +329,21 @@ def test_start_checks_need_no_network_and_return_the_warnings(site: Path) -> Non
 
 @contextlib.contextmanager
 def _tls_server(
-    tmp_path: Path, chain: list[Issued], client_ca: Path, handshakes: list[bool]
+    tmp_path: Path, chain: list[Issued], client_ca: Path, handshakes: list[bool], ciphers: str | None = None
 ) -> Iterator[int]:
-    """Serve TLS handshakes with ``chain`` (leaf first) on 127.0.0.1, asking for a client certificate."""
+    """Serve TLS handshakes with ``chain`` (leaf first) on 127.0.0.1, asking for a client certificate.
+
+    ``ciphers``: serve only TLS 1.2 with these suites (a KME with CBC-SHA suites only).
+    """
     (tmp_path / "server.pem").write_bytes(b"".join(c.pem() for c in chain))
     (tmp_path / "server.key").write_bytes(chain[0].key_pem())
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
     context.load_verify_locations(cafile=client_ca)
     context.verify_mode = ssl.CERT_REQUIRED
+    if ciphers is not None:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(ciphers + ":@SECLEVEL=1")
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)  # closing a socket does not wake a thread blocked in accept()
     stop = threading.Event()
@@ -375,9 +381,9 @@ def served(site: Path, tmp_path: Path, server_ca: Issued) -> Iterator[Serve]:
     handshakes: list[bool] = []
     with contextlib.ExitStack() as stack:
 
-        def serve(chain: list[Issued], **kme: str) -> list[bool]:
+        def serve(chain: list[Issued], ciphers: str | None = None, **kme: str) -> list[bool]:
             port = stack.enter_context(
-                _tls_server(tmp_path, chain, site.parent / "pki" / "ca.pem", handshakes)
+                _tls_server(tmp_path, chain, site.parent / "pki" / "ca.pem", handshakes, ciphers)
             )
             _set_kme(site, url=f"https://127.0.0.1:{port}", **kme)
             return handshakes
@@ -458,6 +464,26 @@ def test_wrong_server_sha256_pin_is_an_error_showing_seen_and_expected(
     (problem,) = _problems(site, connect=True)
     assert problem[1] == "kme.server_sha256" and problem[0] is not None  # the line of the pin
     assert f"SHA-256 is {sha256_fingerprint(server.cert)}, expected kme.server_sha256 {wrong}" in problem[2]
+
+
+CBC_ONLY = "ECDHE-ECDSA-AES256-SHA"
+
+
+def test_kme_offering_only_cbc_suites_is_an_error_naming_the_cause_with_the_default_ciphers(
+    site: Path, served: Serve, server_ca: Issued
+) -> None:
+    served([_kme_cert(server_ca)], ciphers=CBC_ONLY)
+    (problem,) = _problems(site, connect=True)
+    assert problem[1] == "kme.url" and "TLS handshake with" in problem[2] and "kme probe" in problem[2]
+
+
+def test_the_look_at_the_kme_uses_the_policys_ciphers_so_a_wrong_pin_is_still_found(
+    site: Path, served: Serve, server_ca: Issued
+) -> None:
+    served([_kme_cert(server_ca, sans=None)], ciphers=CBC_ONLY, tls_ciphers=f"ECDHE+AESGCM:{CBC_ONLY}",
+           server_sha256="ab" * 32)  # fmt: skip
+    (problem,) = _problems(site, connect=True)
+    assert problem[1] == "kme.server_sha256" and "expected kme.server_sha256" in problem[2]
 
 
 def test_right_server_sha256_pin_in_colon_form_passes(site: Path, served: Serve, server_ca: Issued) -> None:
