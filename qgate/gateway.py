@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Final, cast
@@ -109,6 +110,8 @@ CONTROL_READ_BURST: Final = 32.0
 """Control-socket datagrams read at once before CONTROL_READ_RATE applies."""
 SOCKET_BUFFER: Final = 4 << 20
 """Bytes of kernel socket buffer asked for in each direction."""
+KME_REQUESTS_PER_PEER: Final = 5
+"""KME calls one peer can have open at once: status, refill, rekey, hedged twin, TLS diagnosis."""
 _WARN_EVENTS: Final = frozenset(
     {
         "authentication_failed",
@@ -208,6 +211,12 @@ class Gateway:
         self._kms = Etsi014Client(
             kme.url, ca=kme.ca, cert=kme.cert, key=kme.key, timeout=kme.timeout, tls=kme
         )
+        # KME calls block: their own pool, sized for every request a peer can have open at once
+        # (status, refill, rekey, its hedged twin, a TLS diagnosis), so no stalled KME answer can
+        # take the loop's default executor or another peer's turn.
+        self._kme_pool = ThreadPoolExecutor(
+            max_workers=KME_REQUESTS_PER_PEER * max(1, len(policy.peers)), thread_name_prefix="qgate-kme"
+        )
         now = time.monotonic()
         self._peers: list[_PeerLink] = []
         for p in policy.peers:
@@ -221,7 +230,9 @@ class Gateway:
             )
             link = _PeerLink(p, engine, (p.endpoint.host, p.endpoint.port), cast(PeerSupply, None))
             flush = functools.partial(self._flush, link)
-            link.supply = PeerSupply(p, engine, self._kms, kme.url, flush, self._kms.https.diagnose)
+            link.supply = PeerSupply(
+                p, engine, self._kms, kme.url, flush, self._kms.https.diagnose, self._kme_pool
+            )
             self._peers.append(link)
         self._by_address = {link.address: link for link in self._peers}
         self._routes: RouteTable[_PeerLink] = RouteTable(
@@ -394,6 +405,7 @@ class Gateway:
         for link in self._peers:
             link.engine.epochs.clear()
             link.supply.stock.clear()
+        self._kme_pool.shutdown(wait=False, cancel_futures=True)  # a stalled KME call ends by its deadline
 
     async def _timer_loop(self) -> None:
         next_stats = 0.0

@@ -101,6 +101,8 @@ class KeyStock:
         self._batch = 0
         self._in_flight = 0  # keys asked for by the refill in flight, 0: none
         self._on_demand = False  # a rekey's own enc_keys is in flight
+        self._raced = False
+        self._raced_ids: set[str] = set()  # on-demand keys asked for beside a refill in flight
         self._out: dict[str, tuple[int, float]] = {}  # key_ID -> (batch, handed out at)
         self._served: OrderedDict[str, int] = OrderedDict()
         self._retry_at = 0.0
@@ -164,6 +166,7 @@ class KeyStock:
         """
         self._drop_stock()
         self._on_demand = True
+        self._raced = self._in_flight > 0  # asked while a (stalled) refill is still in flight
 
     def on_demand_done(self, key_ids: list[str], now: float) -> None:
         """The rekey's own ``enc_keys`` answered (``key_ids``) or failed (empty list)."""
@@ -171,11 +174,14 @@ class KeyStock:
         self._batch += 1
         for key_id in key_ids:
             self._hand_out(key_id, ON_DEMAND, now)
+            if self._raced:
+                self._raced_ids.add(key_id)
 
     def settled(self, key_ids: list[str]) -> None:
         """An exchange holding ``key_ids`` completed, was abandoned or dropped them: no longer out."""
         for key_id in key_ids:
             self._out.pop(key_id, None)
+            self._raced_ids.discard(key_id)
 
     def rejected(self, key_ids: list[str], now: float) -> bool:
         """The slave's KME refused ``key_ids`` (Kick reason 2). Return True if the mode changed.
@@ -185,16 +191,18 @@ class KeyStock:
         the rekey fetched itself changes nothing here.
         """
         batches = {self._served.get(key_id) for key_id in key_ids} - {None}
+        raced = any(key_id in self._raced_ids for key_id in key_ids)
         self.settled(key_ids)
         self.stats.rejected += len(key_ids)
-        if not batches or batches == {ON_DEMAND} or self.stats.mode != "prefetch":
+        if not batches or self.stats.mode != "prefetch" or (batches == {ON_DEMAND} and not raced):
             return False
         self._drop_stock()
         self._prefetch_again_at = now + self._probation
         self._probation = min(2 * self._probation, QKD_PREFETCH_PROBATION_MAX)
+        what = "a key_ID fetched while a refill was in flight" if raced else "prefetched key_ID"
         self._set_mode(
             "on_demand",
-            f"the slave's KME refused prefetched key_ID {key_ids[0]}: this KME does not keep keys "
+            f"the slave's KME refused {what} {key_ids[0]}: this KME does not keep keys "
             f"handed out earlier (it replaces or expires them); prefetch again in "
             f"{self._prefetch_again_at - now:.0f} s",
         )
@@ -286,6 +294,7 @@ class KmeView:
         self.status: Status | None = None
         self.status_error = ""
         self.count_trusted = True
+        self.count_seen_nonzero = False
         self.exhausted_at: float | None = None
         self.delivered_at: float | None = None
         self.short_answers = 0
@@ -327,6 +336,8 @@ class KmeView:
     def status_seen(self, status: Status, now: float) -> None:
         """A status answer (ETSI 014 section 5.1) was parsed."""
         self.status, self.status_error = status, ""
+        if status.stored_key_count > 0:
+            self.count_seen_nonzero = True
         if status.stored_key_count == 0:
             self._zero_count_at = now
             self._contradicted(now)
@@ -352,8 +363,14 @@ class KmeView:
         return self.status.stored_key_count
 
     def empty(self) -> bool:
-        """Whether the KME credibly holds no key for the pair (local evidence, docs/protocol.md)."""
-        return self.stored_count() == 0
+        """Whether the KME credibly holds no key for the pair (local evidence, docs/protocol.md).
+
+        Only a KME whose count was seen above 0 before, and is still believed, can say "empty":
+        a KME that always reports 0 (its count means something else, or it states nothing)
+        never makes this side accept a degraded handshake (with a stolen master identity key,
+        a peer could otherwise run degraded while both KMEs are healthy).
+        """
+        return self.count_seen_nonzero and self.stored_count() == 0
 
     def low_evidence(self, now: float) -> bool:
         """Whether the KME said "no keys" within QKD_STOCK_HORIZON (pacing without a count)."""

@@ -25,6 +25,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -90,6 +91,8 @@ class PeerSupply:
         flush: called after the engine was given a result, to carry out its new actions.
         diagnose: explains a TLS failure (one diagnostic handshake per streak, run in the
             executor); its answer is logged once per streak.
+        executor: runs the blocking KME calls (the gateway's bounded KME pool, so a stalled KME
+            cannot take the loop's default executor); None: the loop's default.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class PeerSupply:
         kme_url: str,
         flush: Callable[[], None],
         diagnose: TlsDiagnosis | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.policy = policy
         self.engine = engine
@@ -107,6 +111,8 @@ class PeerSupply:
         self.kme_url = kme_url
         self.flush = flush
         self.diagnose = diagnose
+        self.executor = executor
+        self._status_in_flight = False  # one status poll at a time: a stalled one is not stacked
         self.tls_diagnosis = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stock = KeyStock(policy.qkd_prefetch if policy.qkd_role == "master" else 0)
@@ -144,7 +150,7 @@ class PeerSupply:
             )
         started = time.monotonic()
         attempt = _Attempts()
-        future = loop.run_in_executor(None, call)
+        future = loop.run_in_executor(self.executor, call)
         future.add_done_callback(functools.partial(self._attempted, action, started, attempt, True))
         if isinstance(action, FetchDecKeys):  # asking twice for the same key_IDs is safe: one wins
             loop.call_later(self.view.hedge_after(), self._hedge, action, call, attempt)
@@ -156,7 +162,7 @@ class PeerSupply:
         attempt.pending += 1
         self.hedged += 1
         self.view.stalled()
-        future = self._loop().run_in_executor(None, call)
+        future = self._loop().run_in_executor(self.executor, call)
         future.add_done_callback(functools.partial(self._attempted, action, time.monotonic(), attempt, False))
 
     def _attempted(
@@ -248,12 +254,13 @@ class PeerSupply:
             if number:
                 size = self.policy.qkd_key_bits
                 call = functools.partial(self.kms.enc_keys, self.policy.sae_id, number, size)
-                future = loop.run_in_executor(None, call)
+                future = loop.run_in_executor(self.executor, call)
                 future.add_done_callback(functools.partial(self._refilled, number, time.monotonic()))
-        if now >= self.next_status_at:
+        if now >= self.next_status_at and not self._status_in_flight:
             self.next_status_at = now + STATUS_POLL_INTERVAL
+            self._status_in_flight = True
             status = functools.partial(self.kms.status, self.policy.sae_id)
-            future_status = loop.run_in_executor(None, status)
+            future_status = loop.run_in_executor(self.executor, status)
             future_status.add_done_callback(functools.partial(self._polled, time.monotonic()))
 
     def poll_soon(self) -> None:
@@ -315,6 +322,7 @@ class PeerSupply:
             self.fetch(action, now)
 
     def _polled(self, started: float, future: asyncio.Future[Status]) -> None:
+        self._status_in_flight = False
         now = time.monotonic()
         exc = future.exception()
         if exc is None:
@@ -377,7 +385,7 @@ class PeerSupply:
             )  # fmt: skip
             in_handshake = isinstance(exc.__cause__, ConnectionResetError | BrokenPipeError)
             if (isinstance(exc, KmsTlsError) or in_handshake) and self.diagnose is not None:
-                future = self._loop().run_in_executor(None, self.diagnose)
+                future = self._loop().run_in_executor(self.executor, self.diagnose)
                 future.add_done_callback(self._diagnosed)
 
     def _diagnosed(self, future: asyncio.Future[object]) -> None:

@@ -152,6 +152,18 @@ def test_a_refused_key_the_rekey_fetched_itself_leaves_the_stock_alone() -> None
     assert stock.stats.mode == "prefetch" and stock.refill_request(0.6) == 2
 
 
+def test_a_refused_key_fetched_beside_a_stalled_refill_stops_prefetching() -> None:
+    stock = KeyStock(target=4)
+    assert stock.refill_request(0.0) == 4  # the refill stalls
+    stock.on_demand()  # the rekey gave up waiting and asked itself
+    own = _keys(1)
+    stock.on_demand_done(_ids(own), 0.5)
+    stock.refill_done(_keys(4))  # the stalled refill lands: on a replacing KME it killed `own`
+    assert stock.rejected(_ids(own), 1.0)
+    assert stock.stats.mode == "on_demand" and "while a refill was in flight" in stock.stats.mode_reason
+    assert len(stock) == 0
+
+
 # ----- the stock against KMEs that treat outstanding keys differently -------------------------
 @dataclass
 class _Kme:
@@ -238,8 +250,16 @@ def test_prefetching_never_costs_a_refused_key_on_keeping_or_replacing_kmes(
 
 
 # ----- what the KME is believed to do ---------------------------------------------------------
+def test_a_kme_that_always_reports_zero_is_never_evidence_of_an_empty_store() -> None:
+    view = KmeView()
+    for t in range(10):
+        view.status_seen(_status(count=0), 5.0 * t)  # no delivery to contradict it (a slave, an impostor)
+    assert view.count_trusted and not view.empty()
+
+
 def test_a_zero_count_while_keys_are_delivered_twice_is_no_longer_believed() -> None:
     view = KmeView()
+    view.status_seen(_status(count=3), 0.0)
     view.status_seen(_status(count=0), 0.0)
     assert view.empty()  # a KME that really ran dry says so
     view.keys_delivered(1.0, asked=4, got=4)

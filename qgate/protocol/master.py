@@ -311,7 +311,10 @@ class MasterSteps(PeerCore):
             and pending is not None
             and pending.key_ids
         ):
-            self._kick_driven(now, grow=False)  # a failing slave KME: recover as soon as it is back
+            # A refused key_ID (reason 2) grows the gap: a slave that keeps saying so (lying, with a
+            # stolen slave key) cannot drain the KME; an unreachable slave KME (reason 1) keeps it,
+            # so the tunnel is back as soon as that KME is.
+            self._kick_driven(now, grow=kick.reason == KICK_KEY_REJECTED)
             self._pending = None  # its key_ID is dead at the slave: a fresh key, never the dead one again
             self.stats.handshake_failures += 1
             cause = "rejected" if kick.reason == KICK_KEY_REJECTED else "unavailable"
@@ -348,9 +351,11 @@ class MasterSteps(PeerCore):
         """Note a Kick-driven exchange: the next waits ``_kick_gap`` (doubling while Kicks keep coming).
 
         The gap starts at KICK_HANDSHAKE_MIN_INTERVAL and doubles, up to KICK_HANDSHAKE_MAX_INTERVAL,
-        for each "no session" Kick-driven handshake within two gaps of the previous one (a slave
-        that keeps asking although each handshake completes, e.g. an impostor with its stolen key
-        on an idle link); a quiet spell resets it. ``grow`` False (a dead key_ID) keeps the gap.
+        for each Kick-driven exchange within two gaps of the previous one (a slave that keeps
+        asking although each handshake completes, or keeps reporting refused key_IDs: an
+        impostor with a stolen slave key); a quiet spell resets it. So such a slave costs at
+        most one QKD key per KICK_HANDSHAKE_MAX_INTERVAL. ``grow`` False (reason 1: the slave's
+        KME is unreachable) keeps the gap, so the tunnel is back as soon as that KME is.
         """
         last = self._kick_handshake_at
         if grow and last is not None and now - last < 2 * self._kick_gap:
