@@ -37,6 +37,7 @@ from qgate.errors import ConfigError, QgateError
 from qgate.failagg import FailureAggregator, Summary, is_aggregated
 from qgate.keyfiles import load_identity, load_peer_public_key, load_ppk
 from qgate.kms.client import Etsi014Client
+from qgate.kms.tls import TlsSettings
 from qgate.metrics import MetricsServer, start_metrics_server, status_from_loop
 from qgate.netconfig import NetHandle, configure_tun
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
@@ -144,10 +145,20 @@ class _PeerLink:
     too_big: int = 0
 
 
+def _server_identity(settings: TlsSettings, expected_name: str) -> str:
+    """How the KME's server certificate is verified, for status: pins, else the hostname."""
+    if settings.server_sha256:
+        return f"pinned by SHA-256 {settings.server_sha256[:16]}..."
+    if settings.server_cn:
+        return f"pinned by CN {settings.server_cn}"
+    return f"hostname {expected_name}"
+
+
 def _kme_retry(event: PeerEvent) -> bool:
-    """Whether an engine event only repeats a KME failure (a retry's outcome), not news."""
+    """Whether an engine event is a retry's outcome, not news: a KME failure the supply logs once
+    per streak, or a Kick (the slave asks once a second while it has no session)."""
     reason = str(event.detail.get("reason", ""))
-    return event.kind == "qkd_request_failed" or (
+    return event.kind in ("qkd_request_failed", "kick_received") or (
         event.kind in ("handshake_abandoned", "ratchet_abandoned") and reason.startswith("qkd:")
     )
 
@@ -724,7 +735,7 @@ class Gateway:
             "cipher": suite,
             "offered": https.offer.describe(),
             "weak_ciphers_allowed": https.weak_ciphers_allowed,
-            "server_identity": "pinned" if https.settings.pinned else f"hostname {https.expected_name}",
+            "server_identity": _server_identity(https.settings, https.expected_name),
         }
 
     def _data_path(self) -> dict[str, object]:

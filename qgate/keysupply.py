@@ -301,6 +301,8 @@ class KmeView:
         self.slow_answers = 0
         self.slowest_s = 0.0
         self.stalls = 0
+        self.refused = 0
+        self.exhaustions = 0
         self.last_error = ""
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._zero_count_at: float | None = None
@@ -355,6 +357,7 @@ class KmeView:
     def exhausted(self, now: float) -> None:
         """The KME said it has no keys now (``KmsExhaustedError``)."""
         self.exhausted_at = now
+        self.exhaustions += 1
 
     def stored_count(self) -> int | None:
         """The KME's ``stored_key_count`` if it can be believed, else None."""
@@ -408,6 +411,10 @@ class KmeView:
             notes.append(f"status unreadable: {self.status_error}")
         if self.short_answers:
             notes.append(f"answered enc_keys with fewer keys than asked {self.short_answers} times (kept)")
+        if self.exhaustions:
+            notes.append(f"had no key to give {self.exhaustions} times (its store for this pair was empty)")
+        if self.refused:
+            notes.append(f"refused key_IDs {self.refused} times (unknown, consumed or expired there)")
         if self.stalls:
             notes.append(f"stalled {self.stalls} times (no answer in time; dec_keys asked again in parallel)")
         if self.slow_answers:

@@ -36,6 +36,7 @@ from qgate import lab_setup as setup
 from qgate.lab_pcap import PayloadIndex, WanReport, analyse_wan
 from qgate.lab_procs import Child, Children, LabError, wait_until
 from qgate.lab_traffic import PingResult, parse_ping
+from qgate.status import format_status
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +479,7 @@ def _run_inside(lab: Lab, opts: LabOptions) -> dict[str, object]:
     report = analyse_wan(lab.run_dir / "wan-a.pcap", endpoints=(net.GW_A_WAN, net.GW_B_WAN),
                          classify=classify, index=index)  # fmt: skip
     result = summarise(lab, traffic, report, before, final, waited=waited, dropped=_tcpdump_dropped(capture))
+    result["kme_quirks"] = list(opts.kme_quirks)
     if lab.tunnel:
         _rekey_rate(result, window)
         result["status"] = status
@@ -662,9 +664,13 @@ def format_summary(result: dict[str, object]) -> str:
     """Return a human summary of a result (for stderr), one item per line."""
     verdict = "OK" if result.get("ok") else "FAILED"
     lines = [f"qgate lab run {result.get('run_id')} ({result.get('mode')}): {verdict}"]
-    skip = {"checks", "run_id", "mode", "ok"}
+    skip = {"checks", "run_id", "mode", "ok", "status"}
     lines += [f"  {k:24} {v}" for k, v in result.items() if k not in skip]
     checks = result.get("checks")
     if isinstance(checks, dict):
         lines += [f"  check {k:18} {'pass' if v else 'FAIL'}" for k, v in checks.items()]
+    status = result.get("status")
+    for site in status if isinstance(status, list) else []:
+        if isinstance(site, dict) and "peers" in site:  # ``qgate status`` of each gateway at the end
+            lines += ["  " + line for line in format_status(site).splitlines()]
     return "\n".join(lines)

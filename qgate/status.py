@@ -53,4 +53,31 @@ def format_status(status: Mapping[str, object]) -> str:
             lines.append(f"{row.get('name')}: handshake guard: {shown}")
         if row.get("why"):
             lines.append(f"{row.get('name')}: {row.get('state')}: {row.get('why')}")
+        kme = row.get("kme")
+        if isinstance(kme, Mapping):
+            lines.append(f"{row.get('name')}: {_kme_line(kme)}")
+    tls = status.get("kme_tls")
+    if isinstance(tls, Mapping):
+        weak = "; weak ciphers allowed by policy" if tls.get("weak_ciphers_allowed") else ""
+        suite = f"{_cell(tls.get('version'))} {_cell(tls.get('cipher'))}"
+        lines.append(f"kme tls: {suite}, server {tls.get('server_identity')}{weak}")
     return "\n".join(lines)
+
+
+def _kme_line(kme: Mapping[str, object]) -> str:
+    """One line on the peer's KME side: reachability, key supply, and what the KME was seen to do."""
+    seen = kme.get("reachable")
+    reach = "not heard yet" if not isinstance(seen, bool) else "reachable" if seen else "unreachable"
+    parts = [f"kme {reach}", f"supply {kme.get('supply_mode')}"]
+    if kme.get("supply_mode") == "prefetch":
+        parts.append(f"stock {kme.get('prefetch_stock')}/{kme.get('prefetch_batch')}")
+    if kme.get("supply_reason"):
+        parts.append(str(kme.get("supply_reason")))
+    notes = kme.get("behaviour")
+    if isinstance(notes, list) and notes:
+        parts.append("; ".join(str(n) for n in notes))
+    for key in ("tls_diagnosis", "last_error"):
+        if kme.get(key):
+            parts.append(f"{key.replace('_', ' ')}: {kme.get(key)}")
+            break
+    return ", ".join(parts)

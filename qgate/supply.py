@@ -121,7 +121,8 @@ class PeerSupply:
         self._parked: list[FetchEncKeys] = []
         self._unparked: set[int] = set()  # request_ids that waited for a refill long enough
         self.hedged = 0  # dec_keys asked a second time because the first was stalled
-        self._failing: str | None = None  # the cause of the current failure streak, logged once
+        self._failing: dict[str, str] = {}  # request kind -> cause of its failure streak (logged once)
+        self._status_tried = False  # the first refill waits for the KME's stated limits
         self._size_warned = False
 
     # ----- the engine's requests --------------------------------------------------------
@@ -197,9 +198,10 @@ class PeerSupply:
         now = time.monotonic()
         exc = future.exception()
         on_demand = isinstance(action, FetchEncKeys) and action.size_bits == self.policy.qkd_key_bits
+        what = "enc_keys" if isinstance(action, FetchEncKeys) else "dec_keys"
         if exc is None:
             keys = future.result()
-            self._answered(now, now - started)
+            self._answered(now, now - started, what)
             asked = action.number if isinstance(action, FetchEncKeys) else len(action.key_ids)
             self.view.keys_delivered(now, asked, len(keys))  # a zero count contradicted (either role)
             if isinstance(action, FetchEncKeys):
@@ -220,7 +222,6 @@ class PeerSupply:
             reason = f"internal error: {type(exc).__name__}"
         else:
             reason = str(exc)
-            what = "enc_keys" if isinstance(action, FetchEncKeys) else "dec_keys"
             self._failed(exc, now, now - started, what=what)
         rejected = isinstance(exc, KmsKeyRejectedError)
         self.engine.keys_failed(action.request_id, reason, now, rejected=rejected)
@@ -248,7 +249,7 @@ class PeerSupply:
         if self.policy.qkd_role == "master":
             self._pace(now)
             mode = self.stock.stats.mode
-            number = self.stock.refill_request(now)
+            number = self.stock.refill_request(now) if self._status_tried else 0
             if self.stock.stats.mode != mode:
                 log.info("QKD key supply for peer %s: %s", self.policy.name, self.stock.stats.mode_reason)
             if number:
@@ -298,7 +299,7 @@ class PeerSupply:
         exc = future.exception()
         if exc is None:
             keys = future.result()
-            self._answered(now, now - started)
+            self._answered(now, now - started, "prefetch")
             self.view.keys_delivered(now, asked, len(keys))
             self.stock.refill_done(keys)
         else:
@@ -322,14 +323,15 @@ class PeerSupply:
             self.fetch(action, now)
 
     def _polled(self, started: float, future: asyncio.Future[Status]) -> None:
-        self._status_in_flight = False
+        self._status_in_flight, self._status_tried = False, True
         now = time.monotonic()
         exc = future.exception()
         if exc is None:
             status = future.result()
-            self._answered(now, now - started)
+            self._answered(now, now - started, "status")
             self.view.status_seen(status, now)
-            self.stock.set_per_request_limit(status.max_key_per_request or None)
+            stated = [n for n in (status.max_key_per_request, status.max_key_count) if n > 0]
+            self.stock.set_per_request_limit(min(stated) if stated else None)
             self._check_sizes(status)
         elif isinstance(exc, QgateError):
             self._failed(exc, now, now - started, what="status")
@@ -353,12 +355,15 @@ class PeerSupply:
         self._size_warned = bool(wrong)
 
     # ----- KME state --------------------------------------------------------------------
-    def _answered(self, now: float, seconds: float) -> None:
+    def _answered(self, now: float, seconds: float, what: str) -> None:
+        """A ``what`` request (status, prefetch, enc_keys, dec_keys) succeeded."""
         was = self.view.reachable
         self.view.answered(now, seconds)
-        if self._failing is not None:
-            log.info("KME %s works again for peer %s", self.kme_url, self.policy.name)
-            self._failing, self.tls_diagnosis = None, ""
+        self.tls_diagnosis = ""
+        if self._failing.pop(what, None) is not None:
+            log.info("KME %s %s works again for peer %s", self.kme_url, what, self.policy.name)
+            if not self._failing:
+                self.view.last_error = self.stock.stats.last_error = ""
         elif was is not True:
             log.info("KME %s answers for peer %s", self.kme_url, self.policy.name)
 
@@ -373,11 +378,11 @@ class PeerSupply:
             if isinstance(exc, KmsExhaustedError):
                 self.view.exhausted(now)
         if isinstance(exc, KmsKeyRejectedError):
-            return  # the peer's key_IDs, not the KME's state
-        self.view.last_error = str(exc)[:200]
+            self.view.refused += 1  # the peer's key_IDs (the slave's KME refused them), not a KME outage
+        self.view.last_error = str(exc)[:300]
         cause = _cause(exc)
-        if cause != self._failing:
-            self._failing = cause
+        if cause != self._failing.get(what):
+            self._failing[what] = cause
             log.warning(
                 "KME %s %s for peer %s failed: %s"
                 " (retrying with backoff; logged again only when the cause changes)",

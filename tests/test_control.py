@@ -94,3 +94,26 @@ def test_status_table_shows_each_peer_and_why_it_is_down() -> None:
         }
     )  # fmt: skip
     assert "site-b" in text and "down" in text and "KME unreachable" in text and "bad_tag 2" in text
+
+
+def test_status_table_names_what_the_kme_does_and_the_tls_suite() -> None:
+    kme = {
+        "reachable": True,
+        "supply_mode": "on_demand",
+        "supply_reason": "the slave's KME refused prefetched key_ID k1",
+        "prefetch_stock": 0,
+        "prefetch_batch": 16,
+        "behaviour": ["max_key_per_request 4: prefetch batches of 4"],
+        "last_error": "",
+    }
+    tls = {
+        "version": "TLSv1.2",
+        "cipher": "ECDHE-ECDSA-AES256-SHA",
+        "weak_ciphers_allowed": True,
+        "server_identity": "pinned by CN KME_A",
+    }
+    peers = [{"name": "site-b", "state": "up", "kme": kme}]
+    text = format_status({"gateway": "site-a", "pid": 1, "uptime_s": 3.0, "peers": peers, "kme_tls": tls})
+    assert "site-b: kme reachable, supply on_demand, the slave's KME refused prefetched key_ID k1" in text
+    assert "max_key_per_request 4" in text
+    assert "kme tls: TLSv1.2 ECDHE-ECDSA-AES256-SHA, server pinned by CN KME_A; weak ciphers allowed" in text

@@ -138,20 +138,40 @@ def test_when_both_twins_fail_the_original_error_is_reported_not_the_twins_refus
 
 
 def test_a_rekey_behind_a_stalled_refill_asks_the_kme_itself() -> None:
-    async def run() -> tuple[Recorder, PeerSupply, float]:
+    async def run() -> tuple[Recorder, PeerSupply, float, ScriptedKme]:
         kme = ScriptedKme(1.2, 0.01)  # the refill stalls 1.2 s, the rekey's own ask is quick
         supply, engine = _supply(kme, "master")
-        supply.tick(time.monotonic())  # status poll and the first refill
+        supply.tick(time.monotonic())  # the status poll: the first refill waits for its limits
         await asyncio.sleep(0.1)
+        supply.tick(time.monotonic())  # the first refill
+        await asyncio.sleep(0.05)
         started = time.monotonic()
         supply.fetch(FetchEncKeys(9, 1, 256), started)
         while not engine.fetched:
             await asyncio.sleep(0.02)
         waited = engine.fetched[0][2] - started
         await asyncio.sleep(1.3)
-        return engine, supply, waited
+        return engine, supply, waited, kme
 
-    engine, supply, waited = asyncio.run(run())
+    engine, supply, waited, kme = asyncio.run(run())
     assert waited < 0.9 and len(engine.fetched) == 1 and engine.failed == []
+    assert kme.calls == ["enc_keys", "enc_keys"]
     assert len(supply.stock) == 4  # the stalled refill still lands in the stock afterwards
     assert supply.stock.stats.served_from_stock == 0
+
+
+def test_the_first_refill_waits_for_the_kmes_stated_limits() -> None:
+    class Limited(ScriptedKme):
+        def status(self, slave_sae_id: str) -> Status:
+            return Status("KME_A", "KME_B", "SAE_A", slave_sae_id, 256, 100, 1000, 4, 8192, 64, 0)
+
+    async def run() -> PeerSupply:
+        supply, _ = _supply(Limited(), "master", prefetch=16)
+        supply.tick(time.monotonic())
+        await asyncio.sleep(0.1)
+        supply.tick(time.monotonic())
+        await asyncio.sleep(0.1)
+        return supply
+
+    supply = asyncio.run(run())
+    assert len(supply.stock) == 4 and supply.stock.stats.refill_failures == 0
