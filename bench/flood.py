@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))
         return 2
+    if args.json:  # first: a table that cannot be drawn must not cost the result
+        print(json.dumps(result, separators=(",", ":"), default=str), flush=True)
     sys.stderr.write(table(result) + "\n")
-    if args.json:
-        print(json.dumps(result, separators=(",", ":")))
     return 0 if result["ok"] else 1
 
 

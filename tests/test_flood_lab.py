@@ -93,6 +93,7 @@ def test_short_flood_run_reports_every_field_and_cleans_up() -> None:
             "--idle-seconds", "2", "--settle", "1", "--kinds", ",".join(SHORT_KINDS)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=400, check=False, cwd=REPO)
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 2: the lab could not run
+    assert done.stdout.strip(), done.stderr[-3000:]  # the JSON line is the last thing it prints
     result = json.loads(done.stdout.strip().splitlines()[-1])
     run_id = result["run_id"]
     assert _leftovers(run_id) == []

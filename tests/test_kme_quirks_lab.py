@@ -14,8 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from qgate.kms.quirks import QUIRK_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 SECONDS = 60
-PINGS = SECONDS * 5
 RUN_TIMEOUT = 420.0
 """Seconds all runs together may take (measured: about 100 s for all quirks at once, 2 cores)."""
 
@@ -94,36 +92,18 @@ def _lab_tools() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def runs() -> Iterator[dict[str, dict[str, object]]]:
-    """Start one lab per quirk at once; yield their JSON results by quirk."""
+def runs() -> dict[str, dict[str, object]]:
+    """Run ``qgate lab quirks --json``: one lab per quirk at once; their results by quirk."""
     if (why := _lab_tools()) is not None:
         pytest.skip(why)
-    procs = {}
-    for quirk in QUIRK_NAMES:
-        argv = [sys.executable, "-m", "qgate", "lab", "run", "--kme-quirk", quirk, "--seconds", str(SECONDS),
-                "--pings", str(PINGS), "--transfer-mb", "4", "--json"]  # fmt: skip
-        procs[quirk] = subprocess.Popen(
-            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    deadline = time.monotonic() + RUN_TIMEOUT
-    results: dict[str, dict[str, object]] = {}
+    argv = [sys.executable, "-m", "qgate", "lab", "quirks", "--seconds", str(SECONDS), "--json"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
     try:
-        for quirk, proc in procs.items():
-            try:
-                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.terminate()  # SIGTERM: the lab tears itself down
-                out, err = proc.communicate(timeout=60)
-            try:
-                results[quirk] = json.loads(out.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                results[quirk] = {"ok": False, "error": "no JSON result"}
-            results[quirk]["stderr_tail"] = err[-3000:]
-        yield results
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+        results = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    except (ValueError, IndexError, KeyError):
+        pytest.fail(f"qgate lab quirks gave no JSON result: {done.stderr[-3000:]}")
+    assert isinstance(results, dict)
+    return results
 
 
 @pytest.mark.netns

@@ -125,3 +125,28 @@ def down(run_id: str | None, all_runs: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     if problems:
         raise click.ClickException("; ".join(problems))
+
+
+@lab.command("quirks")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result line last on stdout.")
+@click.option("--seconds", type=click.FloatRange(1, 60), default=60.0, show_default=True,
+              help="Seconds of traffic per lab (the rekey rate is checked from 30 s).")  # fmt: skip
+@click.option("--kme-quirk", "kme_quirks", multiple=True, metavar="NAME", callback=_check_quirks,
+              help="Run only these quirks (repeat); default: all (`qgate kms-sim --help`).")  # fmt: skip
+def quirks(as_json: bool, seconds: float, kme_quirks: tuple[str, ...]) -> None:
+    """Run one lab per KME quirk, all at once, and tabulate how the tunnel fared on each.
+
+    Each lab is `qgate lab run --kme-quirk NAME`: a paced TCP transfer with a ping every 0.2 s,
+    rekeys every 1 s. Exit status 0 when every lab passed every check, 1 otherwise.
+    """
+    from qgate.kms.quirks import QUIRK_NAMES
+    from qgate.lab_quirks import format_rows, run_quirk_labs, summary_rows
+
+    _need_root()
+    results = run_quirk_labs(kme_quirks or QUIRK_NAMES, seconds=seconds)
+    rows = summary_rows(results)
+    click.echo(format_rows(rows), err=True)
+    ok = all(row["ok"] for row in rows)
+    if as_json:
+        sys.stdout.write(json.dumps({"ok": ok, "rows": rows, "results": results}, default=str) + "\n")
+    sys.exit(0 if ok else 1)
