@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
 
 from qgate.cli.kms import kms_sim, pki
 from qgate.errors import KmsBadAnswerError, KmsUnavailableError
@@ -48,6 +49,29 @@ def test_pki_command_writes_the_lab_pki(tmp_path: Path) -> None:
     again = CliRunner().invoke(pki, [*args])
     assert again.exit_code == 1 and "overwrite" in again.output
     assert CliRunner().invoke(pki, [*args, "--force"]).exit_code == 0
+
+
+def test_pki_command_shapes_a_deployment_no_san_client_ca_intermediate(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    args = ["--out", str(out), "--kme", "KME_A", "--kme", "KME_B", "--sae", "SAE_A", "--no-san", "KME_B"]
+    result = CliRunner().invoke(pki, [*args, "--client-ca", "--intermediate"])
+    assert result.exit_code == 0, result.output
+    assert "no SAN: KME_B" in result.output and "client-ca.pem" in result.output
+    no_san, with_san = (
+        x509.load_pem_x509_certificates((out / f"{k}.pem").read_bytes()) for k in ("KME_B", "KME_A")
+    )
+    with pytest.raises(x509.ExtensionNotFound):  # what kms-sim --quirk no-san serves
+        no_san[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert with_san[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert len(no_san) == 2  # leaf + intermediate
+    assert {"client-ca.pem", "ca-bundle.pem", "intermediate.pem"} <= {p.name for p in out.iterdir()}
+    sae_issuer = x509.load_pem_x509_certificates((out / "SAE_A.pem").read_bytes())[0].issuer
+    assert sae_issuer.rfc4514_string() == "CN=qgate lab client intermediate CA"
+    wrong = CliRunner().invoke(
+        pki, ["--out", str(tmp_path / "x"), "--kme", "KME_A", "--sae", "SAE_A", "--no-san", "SAE_A"]
+    )
+    assert wrong.exit_code == 2 and "SAE_A is no --kme" in wrong.output
+    assert "--no-san KME_ID" in CliRunner().invoke(pki, ["--help"]).output
 
 
 def test_pki_command_rejects_bad_address(tmp_path: Path) -> None:

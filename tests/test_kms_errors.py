@@ -324,6 +324,134 @@ def test_classify_error_never_shows_a_key(key: bytes, where: str) -> None:
         assert text[:43] not in shown
 
 
+# --- key material in other forms (review 11 B): hex, pieces, short keys, byte arrays ----------------
+
+LEAK = bytes.fromhex("07aa5fdb9b264b30fb997496f7ce82290c6cc624729244c460ca65d5a38e782e")  # a random key
+LEAK_B64 = base64.b64encode(LEAK).decode()
+
+
+BYTES = ",".join(map(str, LEAK[:3]))  # "7,170,95"
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def _url(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+def _pieces(text: str, size: int) -> str:
+    return " ".join(text[i : i + size] for i in range(0, len(text), size))
+
+
+def _shown(verdict: ErrorVerdict) -> str:
+    return " ".join((verdict.text, verdict.kme_message or "", *verdict.kme_details))
+
+
+def _visible(encoded: str, shown: str) -> bool:
+    """Tell whether 8 characters in a row of ``encoded`` (pieces joined) show in ``shown`` (spaces out)."""
+    raw, seen = encoded.replace(" ", "").lower(), shown.replace(" ", "").lower()
+    return any(raw[i : i + 8] in seen for i in range(len(raw) - 7))
+
+
+LEAKY_FORMS: list[tuple[str, bytes, str | None, str]] = [
+    ("hex in the message", err(f"key_ID abc key {LEAK.hex()} does not exist"), None, LEAK.hex()),
+    ("HEX in the message", err(f"key {LEAK.hex().upper()} mismatch"), None, LEAK.hex()),
+    ("0x hex", err(f"key 0x{LEAK.hex()} mismatch"), None, LEAK.hex()),
+    ("colon hex", err(f"key {':'.join(f'{b:02x}' for b in LEAK)}"), None, LEAK.hex()),
+    ("hex in pieces", err(f"key {_pieces(LEAK.hex(), 8)}"), None, LEAK.hex()),
+    ("hex in details", err("invalid request", [{"dump": LEAK.hex()}]), None, LEAK.hex()),
+    ("byte array in details", err("invalid", [{"key": None, "raw": list(LEAK)}]), None, BYTES),
+    ("byte array as text", err(f"key bytes {list(LEAK)}"), None, BYTES),
+    ("signed byte array", err("x", [[b - 256 if b > 127 else b for b in LEAK]]), None, "-86,95,-37"),
+    ("member 'Key'", err("bad", [{"Key": LEAK_B64}]), None, LEAK_B64),
+    ("member 'key_material'", err("bad", [{"key_material": "not Base64 but secret"}]), None, "not Base64"),
+    ("Base64 in pieces of 8", err("dump: " + _pieces(LEAK_B64, 8)), None, LEAK_B64),
+    ("Base64 in pieces of 4", err("dump " + _pieces(LEAK_B64, 4)), None, LEAK_B64),
+    ("Base64 on lines", err("dump:\n" + "\n".join(_pieces(LEAK_B64, 16).split())), None, LEAK_B64),
+    *[(f"{bits}-bit key", err(f"key {_b64(LEAK[: bits // 8])} consumed"), None, _b64(LEAK[: bits // 8]))
+      for bits in (64, 128, 192, 248)],
+    ("128-bit base64url", err(f"key {_url(LEAK[:16])}"), None, _url(LEAK[:16])),
+    ("hex in an HTML page", f"<html><head><title>Error</title></head><body><pre>keys[0].key={LEAK.hex()}"
+     "</pre></body></html>".encode(), None, LEAK.hex()),
+    ("hex in plain text", f"Internal error: key={LEAK.hex()}".encode(), "text/plain", LEAK.hex()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("form", "body", "content_type", "encoded"), LEAKY_FORMS, ids=[f[0] for f in LEAKY_FORMS]
+)
+def test_key_material_in_any_form_is_redacted(
+    form: str, body: bytes, content_type: str | None, encoded: str
+) -> None:
+    verdict = classify_error("dec_keys", 400, body, content_type)
+    shown = _shown(verdict)
+    assert not _visible(encoded, shown) and encoded not in shown.replace(" ", ""), shown
+    assert etsi014.REDACTED in shown or etsi014.HIDDEN in shown
+
+
+def test_redaction_keeps_uuid_key_ids_words_and_the_verdict() -> None:
+    verdict = classify_error(
+        "dec_keys", 400, err(f"key_ID {ID1} key {LEAK.hex()} does not exist", [{"key_ID": ID2}])
+    )
+    assert verdict.kind is KmsKeyRejectedError
+    assert (
+        verdict.text
+        == f'HTTP 400: key_ID {ID1} key <redacted> does not exist (details: [{{"key_ID":"{ID2}"}}])'
+    )
+    short = base64.b64encode(LEAK[:16]).decode()
+    assert classify_error("dec_keys", 400, err(f"key {short} consumed")).kind is KmsKeyRejectedError
+    for readable in (
+        "max_key_per_request 128 exceeded",
+        "no route for POST /api/v1/keys/SAE_B/enc_keys",
+        "additional_slave_SAE_IDs not supported",
+        "There is not enough key material for requested parameters.",
+        "size 256 not in [64, 128, 256, 512]",
+        "KME_A -> KME_B at 2026-05-09T07:35:25Z",
+        "2 x 256 bits asked, 0 x 256 bits stored",
+    ):
+        assert classify_error("enc_keys", 400, err(readable)).kme_message == readable
+
+
+@settings(max_examples=300)
+@given(
+    key=st.binary(min_size=8, max_size=64).filter(lambda k: len(k) % 3),  # padded standard Base64
+    form=st.sampled_from(["b64", "b64 pieces 4", "b64 pieces 8", "hex", "HEX", "array", "text array"]),
+    where=st.sampled_from(["message", "details", "text", "html"]),
+)
+def test_padded_base64_hex_and_byte_arrays_never_show(key: bytes, form: str, where: str) -> None:
+    b64 = base64.b64encode(key).decode()
+    value: object = {
+        "b64": b64,
+        "b64 pieces 4": _pieces(b64, 4),
+        "b64 pieces 8": _pieces(b64, 8),
+        "hex": key.hex(),
+        "HEX": key.hex().upper(),
+        "array": list(key),
+        "text array": str(list(key)),
+    }[form]
+    text = json.dumps(value) if isinstance(value, list) else value
+    body = {
+        "message": err(f"refused {text} now"),
+        "details": json.dumps({"message": "refused", "details": [{"dump": value}]}).encode(),
+        "text": f"refused {text} now".encode(),
+        "html": f"<html><title>refused</title><body>{text}</body></html>".encode(),
+    }[where]
+    shown = _shown(classify_error("enc_keys", 500, body))
+    if form in ("array", "text array"):
+        assert ",".join(map(str, key[:8])) not in shown.replace(" ", "")
+    else:
+        assert not _visible(str(value), shown), shown
+
+
+@given(key_id=st.uuids(), upper=st.booleans())
+def test_uuid_key_ids_stay_readable(key_id: object, upper: bool) -> None:
+    shown = str(key_id).upper() if upper else str(key_id)
+    verdict = classify_error("dec_keys", 400, err(f"unknown key_ID {shown}", [{"key_ID": shown}]))
+    assert verdict.kme_message == f"unknown key_ID {shown}" and shown in verdict.kme_details[0]
+
+
 # --- Status with limits of 0 (issue 11: "KME unreachable" while keys were served) --------------------
 
 ZERO_LIMITS = {

@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from support.kmes import Canned, link_kmes, serve_canned, start_kme
 
 from qgate.crypto.secret import Secret
 from qgate.errors import ConfigError, KmsAuthError, KmsBadAnswerError, KmsUnavailableError
-from qgate.kms.client import Etsi014Client, MtlsHttps
+from qgate.kms.client import Etsi014Client, MtlsHttps, server_context
 from qgate.kms.sim_server import KmeService
 from qgate.kms.simulator import KmeConfig
 from qgate.pki import make_pki
@@ -296,6 +297,69 @@ def test_client_maps_silent_server_to_unavailable_after_timeout(lab: Lab) -> Non
         )
         with pytest.raises(KmsUnavailableError):
             client.status("SAE_B")
+
+
+class Trickler:
+    """A TLS server on 127.0.0.1 that sends ``head`` and then one byte every ``every`` seconds, for good.
+
+    ``tls=False``: no TLS at all, the bytes go out raw from the first (a KME stuck in its handshake).
+    """
+
+    def __init__(self, pki: Path, head: bytes, *, every: float = 0.05, tls: bool = True) -> None:
+        self.head, self.every, self.tls = head, every, tls
+        self.context = server_context(ca=pki / "ca.pem", cert=pki / "KME_A.pem", key=pki / "KME_A.key")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        raw, _ = self.listener.accept()
+        try:
+            sock = self.context.wrap_socket(raw, server_side=True) if self.tls else raw
+            request = b""
+            while self.tls and b"\r\n\r\n" not in request:
+                request += sock.recv(65536)
+            sock.sendall(self.head)
+            while not self.stop.wait(self.every):
+                sock.sendall(b"a")
+        except OSError:
+            pass  # the client cut the connection
+        finally:
+            raw.close()
+
+
+TRICKLED = [
+    pytest.param(b"HTTP/1.1 200 OK\r\nX-Slow: ", True, id="header"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{", True, id="body"),
+    pytest.param(b"\x16\x03\x03\x40\x00", False, id="handshake"),  # a 16 KiB TLS record, never complete
+]
+
+
+@pytest.mark.parametrize(("head", "tls"), TRICKLED)
+def test_a_kme_trickling_its_answer_is_cut_off_at_the_timeout(lab: Lab, head: bytes, tls: bool) -> None:
+    kme = Trickler(lab.pki, head, tls=tls)  # a byte every 0.05 s: no single read ever times out
+    https = MtlsHttps(
+        kme.url, ca=lab.pki / "ca.pem", cert=lab.pki / "SAE_A.pem", key=lab.pki / "SAE_A.key", timeout=0.5
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(KmsUnavailableError, match=r"no complete answer within 0\.5 s"):
+            https.request("GET", "/api/v1/keys/SAE_B/status")
+    finally:
+        kme.stop.set()
+        kme.listener.close()
+    assert 0.5 <= time.monotonic() - started < 2.0
+    assert https.diagnose() is None  # a deadline is no TLS failure: no diagnosis, no streak
+
+
+def test_the_deadline_leaves_quick_requests_alone(lab: Lab) -> None:
+    client = lab.client(lab.a, "SAE_A")
+    before = threading.active_count()
+    for _ in range(20):
+        assert client.status("SAE_B").slave_SAE_ID == "SAE_B"
+    time.sleep(0.2)
+    assert threading.active_count() <= before + 1  # every deadline's timer ended with its request
 
 
 def test_client_rejects_bad_configuration(lab: Lab, tmp_path: Path) -> None:

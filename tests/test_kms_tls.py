@@ -115,6 +115,30 @@ def write_leaf(
     return pem, key_file
 
 
+def write_self_signed(out: Path, stem: str, cn: str, sans: list[x509.GeneralName]) -> None:
+    """Write ``stem.pem``/``stem.key``: a self-signed server certificate, as a man in the middle has."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{stem}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+INJECTED_CN = "KME_A\nqgate.supply INFO: KME https://127.0.0.1 works again\x1b[2K"
+"""A CN that would forge a log line (and erase the terminal line) if printed as it is."""
 LOOPBACK = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
 
 
@@ -140,6 +164,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     write_leaf(out, "kme-rogue", rogue, "KME_A", sans=LOOPBACK)
     write_leaf(out, "sae", lab, "SAE_A", sans=None, server=False)
     write_leaf(out, "sae-rogue", rogue, "SAE_A", sans=None, server=False)
+    write_leaf(out, "sae-expired", lab, "SAE_A", sans=None, server=False, valid=(NOW - 60 * DAY, NOW - DAY))
+    write_leaf(out, "sae-future", lab, "SAE_A", sans=None, server=False, valid=(NOW + DAY, NOW + 60 * DAY))
+    write_self_signed(out, "kme-impostor", INJECTED_CN, [*LOOPBACK, x509.DNSName("x\nINFO: ok")])  # a MITM
     return Pki(out, out / "ca.pem")
 
 
@@ -312,6 +339,32 @@ def test_server_certificate_from_another_ca_is_unknown_ca(pki: Pki, serve: Calla
     assert "issued by CN=rogue CA" in cause.text and "CN=qgate test CA" in cause.text
 
 
+def test_an_impostor_certificate_is_never_advised_to_be_trusted_or_pinned(
+    pki: Pki, serve: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = https(pki, serve("kme-impostor"))
+    assert tls_error(client).cause == "unknown_ca"
+    cause = client.diagnose()
+    assert cause is not None and cause.cause == "unknown_ca"
+    fingerprint = colon_hex(tls.cert_info(pki.der("kme-impostor")).sha256)
+    assert fingerprint in cause.text and "check it with the KME's operator out of band" in cause.text
+    assert "authenticates nothing (a man in the middle can answer it)" in cause.text
+    for advice in ("put it in kme.ca", "to trust it", "kme.server_sha256:", f'"{fingerprint}"'):
+        assert advice not in cause.text
+    assert cause.text.isprintable() and "\n" not in cause.text and "\x1b" not in cause.text
+    assert "KME_A\\nqgate.supply INFO" in cause.text and "(self-signed)" in cause.text  # escaped, one line
+    again = tls_error(client)  # the streak's errors carry the explanation: printable too
+    assert str(again).isprintable() and fingerprint in str(again)
+
+
+def test_certificate_fields_are_printable(pki: Pki) -> None:
+    info = tls.cert_info(pki.der("kme-impostor"))
+    for text in (info.subject, info.issuer, *info.dns_names, info.names_shown(), *info.as_dict().values()):
+        assert isinstance(text, (str, list)) and str(text).isprintable(), text
+    assert info.common_name == INJECTED_CN  # raw, for pin checks only
+    assert tls.printable("a\u202eb\x00" + "c" * 400, 20) == "a\\u202eb\\x00ccccc..."
+
+
 def test_expired_server_certificate_shows_its_dates(pki: Pki, serve: Callable[..., Server]) -> None:
     client = https(pki, serve("kme-expired"))
     error = tls_error(client)
@@ -340,7 +393,9 @@ def test_certificate_without_san_needs_a_pin(pki: Pki, serve: Callable[..., Serv
     cause = client.diagnose()
     fingerprint = colon_hex(tls.cert_info(pki.der("kme-nosan")).sha256)
     assert cause is not None and "has no subjectAltName" in cause.text
-    assert 'kme.server_cn: "KME_A"' in cause.text and fingerprint in cause.text
+    assert 'kme.server_cn (its CN reads "KME_A")' in cause.text and fingerprint in cause.text
+    assert f'kme.server_sha256: "{fingerprint}"' not in cause.text  # never a pin to copy: it is unverified
+    assert "authenticates nothing" in cause.text and "out of band" in cause.text
     assert https(pki, kme, TlsSettings(server_cn="KME_A")).request("GET", "/x")[0] == 200
     lower = fingerprint.replace(":", "").lower()
     for pin in (fingerprint, lower):
@@ -383,6 +438,19 @@ def test_client_certificate_refused_by_the_kme(pki: Pki, serve: Callable[..., Se
     assert error.cause == "client_cert_refused" and "unknown_ca" in str(error)
     cause = client.diagnose()
     assert cause is not None and "issued by CN=rogue CA" in cause.text
+
+
+@pytest.mark.parametrize(
+    ("sae", "words"), [("sae-expired", "has expired"), ("sae-future", "is not valid yet")]
+)
+def test_our_certificate_out_of_its_dates_is_named_so(
+    pki: Pki, serve: Callable[..., Server], sae: str, words: str
+) -> None:
+    client = https(pki, serve(), sae=sae)
+    assert tls_error(client).cause == "client_cert_refused"
+    cause = client.diagnose()
+    assert cause is not None and words in cause.text and "clock" in cause.text
+    assert "must trust its issuer" not in cause.text
 
 
 def test_refused_connection_is_unavailable_not_tls(pki: Pki) -> None:

@@ -1,8 +1,11 @@
 """``qgate kme probe``: talk to the policy's KME once, like ``wg show`` for the KME side.
 
-Human text goes to stderr; with ``--json`` the last stdout line is one JSON object. Exit status:
-0 everything worked, 1 a check found a problem (a status value, a refused key request),
-2 the policy or its TLS files are unusable, the KME is unreachable, or TLS failed.
+Read-only by default: Get status only; ``--consume-key`` adds one enc_keys per master peer.
+Human text goes to stderr, its last line ``result: ...`` naming what happened; with ``--json`` the
+last stdout line is one JSON object. Exit status: 0 everything worked; 1 a check found a problem (a
+status value, an error answer of the KME for a peer, 503 "peer KME unreachable" too, a refused key
+request); 2 the probe could not talk to the KME (policy or TLS files unusable, KME unreachable or
+not answering in time, TLS failed).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import click
 from qgate.errors import KmsError, KmsTlsError, KmsUnavailableError, QgateError
 from qgate.kms.client import Etsi014Client, MtlsHttps
 from qgate.kms.etsi014 import Status
-from qgate.kms.tls import Session, colon_hex, name_matches, stamp
+from qgate.kms.tls import CLIENT_CERT_REFUSED, Session, colon_hex, name_matches, stamp
 from qgate.policy import GatewayPolicy, PeerPolicy, load_policy
 
 OK: Final = 0
@@ -36,6 +39,13 @@ class _Report:
         self.lines: list[str] = []
         self.problems: list[str] = []
         self.unreachable = False
+        self.stopped = ""  # why the probe could not go on (exit 2), for the result line
+
+    def stop(self, summary: str, error: str) -> None:
+        """Record that the probe cannot talk to the KME: the result line's ``summary``, JSON ``error``."""
+        self.unreachable = True
+        self.stopped = summary
+        self.data["error"] = error
 
     def say(self, text: str) -> None:
         self.lines.append(text)
@@ -47,6 +57,16 @@ class _Report:
     def exit_status(self) -> int:
         return UNREACHABLE if self.unreachable else PROBLEM if self.problems else OK
 
+    def result(self) -> str:
+        """Say in one line what happened (the ``result:`` line)."""
+        if self.unreachable:
+            return self.stopped
+        if not self.problems:
+            return "ok"
+        if len(self.problems) == 1:
+            return f"1 problem: {self.problems[0]}"
+        return f"{len(self.problems)} problems; first: {self.problems[0]}"
+
 
 @click.group("kme")
 def kme() -> None:
@@ -57,27 +77,45 @@ def kme() -> None:
 @click.argument("policy_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line on stdout.")
 @click.option(
-    "--no-keys", is_flag=True, help="Skip the enc_keys round trip (it consumes a QKD key per peer)."
+    "--consume-key",
+    is_flag=True,
+    help="As master SAE, also take one key per peer with enc_keys (the key is consumed). On a KME that"
+    " replaces outstanding keys (each enc_keys voids the keys it handed out before) this costs the"
+    " running gateway its prefetched keys and the key of a handshake in flight: stop the gateway first.",
 )
+@click.option("--no-keys", is_flag=True, hidden=True, help="No effect: read-only is the default now.")
 @click.option(
     "--key-id", default=None, help="As slave, try dec_keys with a key_ID the master got (consumes it)."
 )
 @click.option("--peer", "peer_name", default=None, help="Probe only the peer with this name.")
-def probe(policy_file: Path, as_json: bool, no_keys: bool, key_id: str | None, peer_name: str | None) -> None:
-    """Talk to POLICY_FILE's KME once: TLS, its certificate, then per peer Get status and one key.
+def probe(
+    policy_file: Path,
+    as_json: bool,
+    consume_key: bool,
+    no_keys: bool,
+    key_id: str | None,
+    peer_name: str | None,
+) -> None:
+    """Talk to POLICY_FILE's KME once: TLS, its certificate, then per peer Get status.
 
-    For each peer: GET status (every field, and what it implies for this peer's settings);
-    as master SAE one enc_keys of qkd_key_bits, showing key_ID and size, never key bytes (it
-    consumes one key; --no-keys skips it). A slave cannot round-trip alone: dec_keys needs a
-    key_ID the master got; give one with --key-id.
+    Read-only by default. For each peer: GET status (every field, and what it implies for this
+    peer's settings). With --consume-key, as master SAE also one enc_keys of qkd_key_bits, showing
+    key_ID and size, never key bytes; it consumes a key, and on a KME that replaces outstanding keys
+    it costs the running gateway its prefetched keys. A slave cannot round-trip alone: dec_keys
+    needs a key_ID the master got; give one with --key-id (it consumes that key).
 
     \b
-    Exit status:
+    Exit status (the last line, "result: ...", says which and why):
       0  everything worked
-      1  a check found a problem (a status value, a refused key request)
-      2  the policy or its TLS files are unusable, the KME is unreachable, or TLS failed
+      1  a check found a problem: a status value, an error answer of the KME
+         for a peer (503 "peer KME unreachable" too), a refused key request
+      2  the probe could not talk to the KME: the policy or its TLS files are
+         unusable, the KME is unreachable or does not answer in time, or TLS
+         failed (our certificate refused, the KME's not trusted, ...)
     Text goes to stderr; with --json the last stdout line is one JSON object.
     """
+    if consume_key and no_keys:
+        raise click.UsageError("--consume-key and --no-keys contradict each other")
     report = _Report(policy_file)
     try:
         policy = load_policy(policy_file)
@@ -87,12 +125,11 @@ def probe(policy_file: Path, as_json: bool, no_keys: bool, key_id: str | None, p
             kme_.url, ca=kme_.ca, cert=kme_.cert, key=kme_.key, timeout=kme_.timeout, tls=kme_
         )
     except QgateError as exc:
-        report.unreachable = True
-        report.data["error"] = str(exc)
+        report.stop(f"policy unusable: {exc}", str(exc))
         report.say(f"qgate: error: {exc}")
         _finish(report, as_json)
         return
-    _probe(report, policy, client, peers, keys=not no_keys, key_id=key_id)
+    _probe(report, policy, client, peers, keys=consume_key, key_id=key_id)
     _finish(report, as_json)
 
 
@@ -156,7 +193,7 @@ def _describe_certificate(report: _Report, https: MtlsHttps, session: Session, t
     info, settings = session.certificate, https.settings
     report.say(f"  certificate: {info.subject}")
     report.say(f"    issuer: {info.issuer}")
-    report.say(f"    names: {', '.join(info.names()) or 'none (no subjectAltName)'}")
+    report.say(f"    names: {info.names_shown() or 'none (no subjectAltName)'}")
     report.say(f"    valid: {stamp(info.not_before)} to {stamp(info.not_after)}")
     report.say(f"    sha256: {colon_hex(info.sha256)}")
     matches = name_matches(info, https.expected_name)
@@ -177,7 +214,6 @@ def _describe_certificate(report: _Report, https: MtlsHttps, session: Session, t
 
 
 def _tls_down(report: _Report, https: MtlsHttps, exc: KmsError, *, after_handshake: bool) -> None:
-    report.unreachable = True
     tls = report.data.setdefault("tls", {})
     assert isinstance(tls, dict)
     if isinstance(exc, KmsTlsError):
@@ -186,10 +222,13 @@ def _tls_down(report: _Report, https: MtlsHttps, exc: KmsError, *, after_handsha
         tls.update(ok=False, error={"cause": kind, "message": text})
         when = "the KME refused our first request after the handshake" if after_handshake else "TLS failed"
         report.say(f"  tls: {when} ({kind}): {text}")
+        refused = kind == CLIENT_CERT_REFUSED
+        summary = "TLS failed: the KME refused our client certificate" if refused else f"TLS failed ({kind})"
+        report.stop(f"{summary}: {text}", f"{https.base_url}: TLS failed ({kind}): {text}")  # no probe hint
     else:
         tls.update(ok=False, error={"cause": "unreachable", "message": str(exc)})
         report.say(f"  unreachable: {exc}")
-    report.data["error"] = str(exc)
+        report.stop(f"KME unreachable: {exc}", str(exc))
 
 
 def _probe_peer(
@@ -200,11 +239,13 @@ def _probe_peer(
     report.say(f"peer {peer.name} ({peer.sae_id}): this gateway is {role} SAE")
     try:
         status = client.status(peer.sae_id)
-    except _TLS_DOWN:
+    except KmsTlsError:
         raise
     except KmsError as exc:
+        if isinstance(exc, KmsUnavailableError) and exc.status is None:
+            raise  # no answer at all: the KME is unreachable
         result["status_error"] = str(exc)
-        report.problem(f"peer {peer.name}: Get status failed: {exc}")
+        report.problem(f"peer {peer.name}: Get status: {_answered(exc)}")
         return result
     result["status"] = dataclasses.asdict(status)
     _describe_status(report, status)
@@ -214,10 +255,11 @@ def _probe_peer(
         report.say(f"  note: {note}")
     for text in problems:
         report.problem(f"peer {peer.name}: {text}")
-    if role == "master":
-        result["enc_keys"] = _enc_keys(report, client, peer) if keys else {"skipped": "--no-keys"}
-        if not keys:
-            report.say("  enc_keys: skipped (--no-keys)")
+    if role == "master" and keys:
+        result["enc_keys"] = _enc_keys(report, client, peer)
+    elif role == "master":
+        result["enc_keys"] = {"skipped": "read-only (no --consume-key)"}
+        report.say("  enc_keys: not tried (read-only; --consume-key takes one key: see --help first)")
     elif key_id is not None:
         result["dec_keys"] = _dec_keys(report, client, peer, key_id)
     else:
@@ -227,6 +269,14 @@ def _probe_peer(
             " give one with --key-id"
         )
     return result
+
+
+def _answered(exc: KmsError) -> str:
+    """Say what the KME answered for a peer: ``the KME answered HTTP 503 for this peer: its message``."""
+    if exc.status is None or exc.status == 200:
+        return str(exc)
+    said = exc.kme_message or str(exc).rpartition(f"HTTP {exc.status}: ")[2] or str(exc)
+    return f"the KME answered HTTP {exc.status} for this peer: {said}"
 
 
 def _describe_status(report: _Report, s: Status) -> None:
@@ -318,12 +368,7 @@ def _key_failed(report: _Report, peer: PeerPolicy, what: str, exc: QgateError) -
 
 def _finish(report: _Report, as_json: bool) -> None:
     code = report.exit_status()
-    verdict = {
-        OK: "ok",
-        PROBLEM: f"{len(report.problems)} problem(s)",
-        UNREACHABLE: "KME unreachable / TLS failed",
-    }
-    report.say(f"result: {verdict[code]}")
+    report.say(f"result: {report.result()}")
     report.data.update(ok=code == OK, exit_status=code, problems=report.problems)
     click.echo("\n".join(report.lines), err=True)
     if as_json:

@@ -254,8 +254,36 @@ kms_sim.help = f"{inspect.cleandoc(kms_sim.help or '')}\n\n\b\n{_QUIRK_TABLE}"
     help="KME_ID or KME_ID=IP[,IP...] (repeat); 127.0.0.1 is always added.",
 )
 @click.option("--sae", "saes", multiple=True, required=True, help="An SAE ID (repeat).")
+@click.option(
+    "--no-san",
+    "no_san",
+    multiple=True,
+    metavar="KME_ID",
+    help="Give this KME (one of --kme) a certificate without subjectAltName, CN only (repeat): for "
+    "'kms-sim --quirk no-san'; clients must pin it (kme.server_cn or kme.server_sha256).",
+)
+@click.option(
+    "--client-ca",
+    is_flag=True,
+    help="Issue the SAE certificates from a second CA, client-ca.pem; also writes ca-bundle.pem (both "
+    "CAs) for 'kms-sim --ca', while SAEs keep trusting ca.pem.",
+)
+@click.option(
+    "--intermediate",
+    is_flag=True,
+    help="Put an intermediate CA under each root and write every certificate file as the chain "
+    "leaf + intermediate.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
-def pki(out: Path, kmes: tuple[str, ...], saes: tuple[str, ...], force: bool) -> None:
+def pki(
+    out: Path,
+    kmes: tuple[str, ...],
+    saes: tuple[str, ...],
+    no_san: tuple[str, ...],
+    client_ca: bool,
+    intermediate: bool,
+    force: bool,
+) -> None:
     """Write a throw-away lab CA, KME and SAE certificates (CN = ID) and the link secret to OUT."""
     from qgate.pki import make_pki
 
@@ -265,9 +293,26 @@ def pki(out: Path, kmes: tuple[str, ...], saes: tuple[str, ...], force: bool) ->
         if name in kme_map:
             raise click.BadParameter(f"KME {name} given twice", param_hint="--kme")
         kme_map[name] = [a.strip() for a in addrs.split(",") if a.strip()]
+    stray = sorted(set(no_san) - set(kme_map))
+    if stray:
+        raise click.BadParameter(f"{', '.join(stray)} is no --kme", param_hint="--no-san")
     try:
-        make_pki(out, kmes=kme_map, saes=list(saes), force=force)
+        make_pki(
+            out,
+            kmes=kme_map,
+            saes=list(saes),
+            force=force,
+            no_san_kmes=no_san,
+            client_ca=client_ca,
+            intermediate=intermediate,
+        )
     except QgateError as exc:
         fail(exc)
         return
-    click.echo(f"lab PKI written to {out}: KMEs {', '.join(kme_map)}; SAEs {', '.join(saes)}", err=True)
+    shape = [f"no SAN: {', '.join(no_san)}"] if no_san else []
+    shape += ["SAE certificates from client-ca.pem"] if client_ca else []
+    shape += ["leaves under an intermediate CA"] if intermediate else []
+    extra = f" ({'; '.join(shape)})" if shape else ""
+    click.echo(
+        f"lab PKI written to {out}: KMEs {', '.join(kme_map)}; SAEs {', '.join(saes)}{extra}", err=True
+    )

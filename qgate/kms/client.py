@@ -3,7 +3,8 @@
 One TLS connection per call, so an :class:`Etsi014Client` is safe to share between threads.
 Failures map to three errors (``qgate.errors``):
 
-* :class:`KmsUnavailableError`: connection refused or reset, timeout, DNS failure, HTTP 503.
+* :class:`KmsUnavailableError`: connection refused or reset, timeout (``timeout`` bounds the whole
+  request, connect to the answer's last byte), DNS failure, HTTP 503.
 * :class:`KmsAuthError`: HTTP 401, or the TLS handshake failed (untrusted server certificate,
   hostname mismatch, our certificate refused, TLS version or cipher mismatch).
 * :class:`KmsBadAnswerError`: any other status, a malformed HTTP answer, or a body failing the
@@ -14,6 +15,7 @@ key_IDs are logged at debug level; key bytes never leave their ``Secret``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import socket
@@ -55,6 +57,73 @@ USER_AGENT: Final = "qgate-etsi014/1"
 """HTTP User-Agent sent to the KME."""
 
 
+class _Deadline:
+    """A wall-clock deadline for one request: when it passes, the watched socket is shut down.
+
+    ``shutdown(SHUT_RDWR)`` wakes a ``recv`` or ``send`` blocked on the socket in another thread
+    (it then sees the end of the stream), whatever the per-read timeout; the request then checks
+    :attr:`expired` and says so. A ``threading.Timer`` runs the deadline; :meth:`close` takes the
+    socket back before closing it, so the timer never touches a closed (possibly reused) descriptor,
+    and :meth:`settle` ends the deadline once the answer is in.
+
+    Args:
+        seconds: time from now until the deadline (> 0).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._settled = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.settle()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the deadline passes (at once if it has passed)."""
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _shutdown(sock)
+
+    def close(self, sock: socket.socket | None) -> None:
+        """Stop watching ``sock`` and close it (None: nothing to close)."""
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+        if sock is not None:
+            sock.close()
+
+    def settle(self) -> bool:
+        """End the deadline; return True when it had passed (what was read then may be cut short)."""
+        with self._lock:
+            self._settled = True
+            self._sock = None
+        self._timer.cancel()
+        return self.expired
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._settled:
+                return
+            self.expired = True
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Shut both directions of ``sock`` down; for a TLS socket the descriptor only, as the TLS state
+    may be in use by the thread this wakes (``SSLSocket.shutdown`` would drop it)."""
+    with contextlib.suppress(OSError):  # already closed by the peer, or reset
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class MtlsHttps:
     """One HTTPS origin reached with mutual TLS, with the settings of :mod:`qgate.kms.tls`.
 
@@ -69,7 +138,9 @@ class MtlsHttps:
         ca: PEM file of the CA(s) trusted for the server certificate.
         cert: PEM client certificate (its subject CN is our identity toward the server).
         key: PEM private key of ``cert``.
-        timeout: seconds for connecting and for each read (> 0).
+        timeout: seconds (> 0) one request may take in all: connecting, the TLS handshake, sending
+            and the whole answer, a wall-clock deadline (:class:`_Deadline`), so a KME trickling its
+            answer a byte at a time is cut off too; name resolution is not bounded.
         server_cn: pin: the server certificate's subject CN (when ``tls`` pins no CN).
         tls: TLS settings: a ``KmePolicy`` or a :class:`~qgate.kms.tls.TlsSettings`; None: defaults.
 
@@ -131,7 +202,7 @@ class MtlsHttps:
         self._diagnosis: tuple[str, TlsFailure] | None = None  # (cause it explains, explanation)
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """Send one request on a fresh connection and return ``(status, body)``.
+        """Send one request on a fresh connection and return ``(status, body)``, within ``timeout``.
 
         Args:
             method: ``GET`` or ``POST``.
@@ -143,13 +214,23 @@ class MtlsHttps:
 
         Raises:
             KmsUnavailableError: connection refused or reset (in the handshake too: a KME going
-                down looks the same; :meth:`diagnose` still tells), timeout, name resolution failure.
+                down looks the same; :meth:`diagnose` still tells), name resolution failure, or
+                no complete answer within ``timeout`` seconds of the start (the deadline shuts
+                the connection down, whatever it was waiting for).
             KmsTlsError: the handshake failed, the certificate broke a pin, or the KME refused
                 our certificate or closed the connection after the handshake (``cause`` set).
             KmsBadAnswerError: the server's answer is not valid HTTP (``status=None``).
         """
+        with _Deadline(self.timeout) as deadline:
+            answer = self._exchange(deadline, method, path, body)
+        with self._lock:  # an HTTP answer ends a TLS failure streak
+            self._failure = self._diagnosis = None
+        return answer
+
+    def _exchange(self, deadline: _Deadline, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+        """Connect, send the request and read the answer (see :meth:`request`)."""
         conn = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
-        conn.sock = self._open()  # http.client connects only when sock is None
+        conn.sock = self._open(deadline)  # http.client connects only when sock is None
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -157,30 +238,35 @@ class MtlsHttps:
             conn.request(method, self.prefix + path, body=body, headers=headers)
             response = conn.getresponse()
             answer = response.status, response.read(etsi014.MAX_BODY_SIZE + 1)
+            cut = deadline.settle()  # an answer read to its end once the deadline shut the socket
         except ssl.SSLError as exc:  # before OSError: SSLError is an OSError
-            raise self._tls_failed(self._classify(exc, handshake_done=True)) from exc
+            failed = self._late(deadline) or self._tls_failed(self._classify(exc, handshake_done=True))
+            raise failed from exc
         except (TimeoutError, OSError) as exc:
-            raise KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+            raise self._late(deadline) or self._unavailable(exc) from exc
         except http.client.HTTPException as exc:
-            raise KmsBadAnswerError(f"{self.base_url}: invalid HTTP answer: {exc!r}", status=None) from exc
+            bad = KmsBadAnswerError(f"{self.base_url}: invalid HTTP answer: {exc!r}", status=None)
+            raise self._late(deadline) or bad from exc
         finally:
+            deadline.close(conn.sock)
             conn.close()
-        with self._lock:  # an HTTP answer ends a TLS failure streak
-            self._failure = self._diagnosis = None
+        if cut:
+            raise self._late_error()
         return answer
 
     def inspect(self) -> Session:
-        """Make one handshake as :meth:`request` would, send nothing, and describe it.
+        """Make one handshake as :meth:`request` would (within ``timeout``), send nothing, describe it.
 
         Raises:
             KmsUnavailableError, KmsTlsError: as for :meth:`request`.
         """
-        tls = self._open()
-        try:
-            cipher, version = tls.cipher(), tls.version()
-            der = tls.getpeercert(binary_form=True)
-        finally:
-            tls.close()
+        with _Deadline(self.timeout) as deadline:
+            tls = self._open(deadline)
+            try:
+                cipher, version = tls.cipher(), tls.version()
+                der = tls.getpeercert(binary_form=True)
+            finally:
+                deadline.close(tls)
         if der is None:
             raise KmsTlsError(f"{self.base_url}: TLS failed: no server certificate", cause=TLS_OTHER)
         return Session(version or "?", cipher[0] if cipher else "?", cert_info(der))
@@ -211,35 +297,58 @@ class MtlsHttps:
                     self._diagnosis = (failure.cause, result)
             return result
 
-    def _open(self) -> ssl.SSLSocket:
-        """Connect, handshake and check the pins; return the TLS socket."""
+    def _open(self, deadline: _Deadline) -> ssl.SSLSocket:
+        """Connect, handshake and check the pins, the socket watched by ``deadline``; return it."""
         try:
             raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+            raise self._late(deadline) or self._unavailable(exc) from exc
         try:
-            tls = self._context.wrap_socket(raw, server_hostname=self.expected_name)
+            tls = self._context.wrap_socket(
+                raw, server_hostname=self.expected_name, do_handshake_on_connect=False
+            )
+        except OSError as exc:
+            raw.close()
+            raise self._unavailable(exc) from exc
+        deadline.watch(tls)
+        try:
+            tls.do_handshake()
         except ssl.SSLError as exc:
-            raw.close()
-            raise self._tls_failed(self._classify(exc, handshake_done=False)) from exc
+            deadline.close(tls)
+            raise self._late(deadline) or self._tls_failed(self._classify(exc, handshake_done=False)) from exc
         except (ConnectionResetError, BrokenPipeError) as exc:  # a KME going down looks the same: retry
-            raw.close()
+            deadline.close(tls)
+            if (late := self._late(deadline)) is not None:
+                raise late from exc
             shown = self._record(self._classify(exc, handshake_done=False))
             why = f" ({shown.cause}: {shown.text})" if shown.cause != HANDSHAKE_CLOSED else ""
             text = f"{self.base_url}: {type(exc).__name__} in the TLS handshake: {exc}{why}"
             raise KmsUnavailableError(text) from exc
         except OSError as exc:
-            raw.close()
-            raise KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
+            deadline.close(tls)
+            raise self._late(deadline) or self._unavailable(exc) from exc
         if self.settings.pinned:
             der = tls.getpeercert(binary_form=True)
             problems = pin_problems(cert_info(der), self.settings) if der else ["no server certificate"]
             if problems:
-                tls.close()
+                deadline.close(tls)
                 raise self._tls_failed(TlsFailure(PIN_MISMATCH, "; ".join(problems)))
         suite = tls.cipher()
         self.negotiated = (tls.version() or "?", suite[0] if suite else "?")
         return tls
+
+    def _late(self, deadline: _Deadline) -> KmsUnavailableError | None:
+        """Return the error to raise when ``deadline`` passed (whatever failed then), else None."""
+        return self._late_error() if deadline.expired else None
+
+    def _late_error(self) -> KmsUnavailableError:
+        return KmsUnavailableError(
+            f"{self.base_url}: timeout: no complete answer within {self.timeout:g} s (the limit for the whole"
+            " request, from connecting to the answer's last byte)"
+        )
+
+    def _unavailable(self, exc: OSError) -> KmsUnavailableError:
+        return KmsUnavailableError(f"{self.base_url}: {type(exc).__name__}: {exc}")
 
     def _classify(self, exc: BaseException, *, handshake_done: bool) -> TlsFailure:
         name, cert = self.expected_name, self._local.cert
@@ -269,7 +378,8 @@ class Etsi014Client:
         ca: PEM file of the CA that signed the KME's server certificate.
         cert: this SAE's PEM client certificate (subject CN = SAE ID).
         key: PEM private key of ``cert``.
-        timeout: seconds for connecting and for each read.
+        timeout: seconds one request may take in all, connect to the answer's last byte (see
+            :class:`MtlsHttps`: a wall-clock deadline, the policy's ``kme.timeout``).
         tls: the TLS settings (pass the ``KmePolicy``: tls_min_version, tls_ciphers, server_name,
             server_cn, server_sha256), or None for the defaults.
 

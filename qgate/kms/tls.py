@@ -13,7 +13,11 @@ gives only "EOF occurred in violation of protocol"), :func:`diagnostic_handshake
 handshake with a permissive context (every version TLS 1.0-1.3 and every cipher at security
 level 0, no verification, no client certificate, nothing sent after the handshake) and reads
 the KME's ServerHello and certificate from the raw bytes (RFC 5246 section 7.4, RFC 8446 section
-4.1.3); :func:`explain` turns what it saw into the cause and what to change.
+4.1.3); :func:`explain` turns what it saw into the cause and what to change. That handshake
+authenticates nothing (a man in the middle can answer it): an explanation built on the certificate
+it saw shows its fingerprint and says to check it with the KME's operator out of band, and never
+says to trust or pin it. Certificate fields are shown printable (:func:`printable`), so a
+certificate cannot write lines of its own into a log.
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ _WIRE_VERSIONS: Final = {
     0x0304: "TLSv1.3",
 }
 """ProtocolVersion code points (RFC 8446 section 4.2.1) as ``SSLSocket.version()`` names them."""
+
+FIELD_SHOWN_MAX: Final = 256
+"""Characters of a certificate field (subject, issuer, a name) shown; the rest is cut."""
+NAMES_SHOWN: Final = 8
+"""subjectAltNames listed in a message (the rest are counted)."""
+UNVERIFIED: Final = (
+    "the diagnostic handshake that showed this certificate authenticates nothing (a man in the middle"
+    " can answer it)"
+)
+"""Said wherever a diagnosis describes the certificate a diagnostic handshake saw."""
 
 NO_SHARED_CIPHER: Final = "no_shared_cipher"
 PROTOCOL_VERSION: Final = "protocol_version"
@@ -241,10 +255,14 @@ def offer_of(context: ssl.SSLContext, settings: TlsSettings) -> Offer:
 class CertInfo:
     """What an operator needs to see of an X.509 certificate.
 
+    Every text field but ``common_name`` is printable (:func:`printable`): a certificate is the
+    KME's, or anyone's who answers in its place, and must not write lines of its own into a log.
+
     Attributes:
-        subject, issuer: RFC 4514 strings (``CN=KME_A``).
-        common_name: the subject CN, or None.
-        dns_names, ip_addresses: the subjectAltName entries of those kinds.
+        subject, issuer: RFC 4514 strings (``CN=KME_A``), printable.
+        common_name: the subject CN as the certificate has it (for pin checks), or None; print it
+            with :func:`printable`.
+        dns_names, ip_addresses: the subjectAltName entries of those kinds (DNS names printable).
         not_before, not_after: validity, UTC.
         sha256: SHA-256 of the DER certificate, 64 lowercase hex digits.
     """
@@ -261,6 +279,12 @@ class CertInfo:
     def names(self) -> list[str]:
         """Return the subjectAltNames as ``DNS:x`` / ``IP:y``."""
         return [f"DNS:{n}" for n in self.dns_names] + [f"IP:{a}" for a in self.ip_addresses]
+
+    def names_shown(self) -> str:
+        """Return the first NAMES_SHOWN subjectAltNames joined for a message, and how many more."""
+        names = self.names()
+        more = f" (+{len(names) - NAMES_SHOWN} more)" if len(names) > NAMES_SHOWN else ""
+        return ", ".join(names[:NAMES_SHOWN]) + more
 
     def as_dict(self) -> dict[str, object]:
         """Return a JSON-able view (times in RFC 3339, fingerprint with colons)."""
@@ -289,10 +313,10 @@ def cert_info(der: bytes) -> CertInfo:
     except x509.ExtensionNotFound:
         dns, ips = (), ()
     return CertInfo(
-        subject=cert.subject.rfc4514_string(),
-        issuer=cert.issuer.rfc4514_string(),
+        subject=name_of(cert.subject),
+        issuer=name_of(cert.issuer),
         common_name=str(cns[0].value) if len(cns) == 1 else None,
-        dns_names=dns,
+        dns_names=tuple(printable(name) for name in dns),
         ip_addresses=ips,
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
@@ -344,6 +368,19 @@ def pin_problems(info: CertInfo, settings: TlsSettings) -> list[str]:
             f"{colon_hex(settings.server_sha256)}"
         )
     return problems
+
+
+def name_of(name: x509.Name) -> str:
+    """Write an X.509 name as RFC 4514 text (``CN=KME_A``), printable (see :func:`printable`)."""
+    return printable(name.rfc4514_string())
+
+
+def printable(text: str, limit: int = FIELD_SHOWN_MAX) -> str:
+    """Return ``text`` fit to print on one line: non-printable characters (newlines, terminal escapes,
+    bidirectional controls) written as Python escapes (``\\n``, ``\\x1b``, ``\\u202e``), cut to
+    ``limit`` characters."""
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def colon_hex(digest: str) -> str:
@@ -637,7 +674,7 @@ def explain(failure: TlsFailure, seen: Observation | None, ctx: Local) -> TlsFai
     if failure.cause == PIN_MISMATCH:
         return failure
     if failure.cause == CLIENT_CERT_REFUSED:
-        return TlsFailure(CLIENT_CERT_REFUSED, f"{failure.text}; {_our_cert(ctx)}")
+        return TlsFailure(CLIENT_CERT_REFUSED, f"{failure.text}; {_our_cert(ctx)[0]}")
     if seen is None:
         return failure
     if failure.cause in _SERVER_CERT_CAUSES:
@@ -675,11 +712,11 @@ def _explain_negotiation(failure: TlsFailure, seen: Observation, ctx: Local) -> 
             f" allow it explicitly with kme.tls_ciphers if your security policy permits {kind}"
             f" (we offer {offer.describe()})",
         )
+    ours, out_of_dates = _our_cert(ctx)
     return TlsFailure(
-        failure.cause,
+        CLIENT_CERT_REFUSED if out_of_dates else failure.cause,  # then surely our certificate
         f"{failure.text}; without a client certificate the KME agrees on {chose}, which we offer too, so"
-        f" it ends our handshake over something else, most likely our client certificate:"
-        f" {_our_cert(ctx)}",
+        f" it ends our handshake over something else, most likely our client certificate: {ours}",
     )
 
 
@@ -693,6 +730,11 @@ def _suite_kind(name: str) -> str:
 
 
 def _explain_certificate(failure: TlsFailure, seen: Observation, ctx: Local) -> TlsFailure:
+    """Explain a server certificate failure from the certificate the diagnostic handshake saw.
+
+    That handshake verifies nothing, so the explanation never says to trust or pin what it saw: it
+    shows the fingerprint and says to check it with the KME's operator out of band first.
+    """
     if seen.certificate is None:
         why = seen.error or "no certificate"
         return TlsFailure(
@@ -703,36 +745,41 @@ def _explain_certificate(failure: TlsFailure, seen: Observation, ctx: Local) -> 
     except ValueError:
         return TlsFailure(failure.cause, f"{failure.text} (the KME's certificate does not parse)")
     what = f"the KME's certificate {info.subject}"
+    check = (
+        f"; {UNVERIFIED}: its SHA-256 is {colon_hex(info.sha256)}, check it with the KME's operator out of"
+        " band before trusting or pinning it"
+    )
     if failure.cause == NAME_MISMATCH:
         if not info.names():
-            pins = f'kme.server_cn: "{info.common_name}" or kme.server_sha256: "{colon_hex(info.sha256)}"'
+            cn = printable(info.common_name) if info.common_name is not None else "none"
             text = (
-                f"{what} has no subjectAltName, so no name ({ctx.expected_name}, {ctx.name_source})"
-                f" can verify; pin it with {pins}"
+                f"{what} has no subjectAltName, so no name ({ctx.expected_name}, {ctx.name_source}) can"
+                f' verify; a pin replaces the name check: kme.server_cn (its CN reads "{cn}") or'
+                " kme.server_sha256"
             )
         else:
             text = (
-                f"{what} is for {', '.join(info.names())}, not {ctx.expected_name} ({ctx.name_source}); set"
+                f"{what} is for {info.names_shown()}, not {ctx.expected_name} ({ctx.name_source}); set"
                 " kme.server_name to one of its names, or pin it with kme.server_cn or kme.server_sha256"
             )
-        return TlsFailure(NAME_MISMATCH, text)
+        return TlsFailure(NAME_MISMATCH, text + check)
     now = dt.datetime.now(dt.UTC)
     valid = f"valid {stamp(info.not_before)} to {stamp(info.not_after)}, now {stamp(now)}"
     if failure.cause == CERT_EXPIRED and info.not_after < now:
-        return TlsFailure(CERT_EXPIRED, f"{what} expired ({valid})")
+        return TlsFailure(CERT_EXPIRED, f"{what} expired ({valid}): check this host's clock too")
     if failure.cause == CERT_NOT_YET_VALID and info.not_before > now:
         return TlsFailure(CERT_NOT_YET_VALID, f"{what} is not valid yet ({valid}): check both clocks")
     cas = _ca_certs(ctx.ca)
     if failure.cause == UNKNOWN_CA and not any(_issued_by(seen.certificate, ca) for ca in cas):
-        held = "; ".join(ca.subject.rfc4514_string() for ca in cas) or "nothing usable"
-        self_signed = " (self-signed: put it in kme.ca to trust it)" if info.issuer == info.subject else ""
+        held = "; ".join(name_of(ca.subject) for ca in cas) or "nothing usable"
+        self_signed = " (self-signed)" if info.issuer == info.subject else ""
         return TlsFailure(
-            UNKNOWN_CA, f"{what} is issued by {info.issuer}, which is not a CA in kme.ca {ctx.ca} (it holds"
-            f" {held}){self_signed}"
+            UNKNOWN_CA, f"{what} is issued by {info.issuer}{self_signed}, which is not a CA in kme.ca"
+            f" {ctx.ca} (it holds {held}); kme.ca must hold the CA the KME's operator names{check}"
         )  # fmt: skip
-    dates = "; ".join(f"{c.subject.rfc4514_string()} valid to {stamp(c.not_valid_after_utc)}" for c in cas)
+    dates = "; ".join(f"{name_of(c.subject)} valid to {stamp(c.not_valid_after_utc)}" for c in cas)
     return TlsFailure(
-        failure.cause, f"{failure.text}; {what}, issuer {info.issuer}, {valid}; kme.ca: {dates}"
+        failure.cause, f"{failure.text}; {what}, issuer {info.issuer}, {valid}; kme.ca: {dates}{check}"
     )
 
 
@@ -744,19 +791,31 @@ def _issued_by(der: bytes, ca: x509.Certificate) -> bool:
     return True
 
 
-def _our_cert(ctx: Local) -> str:
-    """Describe our client certificate for a refusal message (and whether kme.ca's CA issued it)."""
+_RENEW: Final = "renew it, and check this host's clock"
+_CLOCKS: Final = "check this host's clock and the KME's"
+
+
+def _our_cert(ctx: Local) -> tuple[str, bool]:
+    """Describe our client certificate for a refusal message: out of its dates (check the clock), or
+    which issuer the KME must trust (and whether kme.ca's CA of that name issued it). Returns the
+    text and whether the certificate is out of its dates."""
     try:
         der = x509.load_pem_x509_certificate(ctx.cert.read_bytes()).public_bytes(Encoding.DER)
     except (OSError, ValueError):
-        return f"kme.cert {ctx.cert} is not readable"
+        return f"kme.cert {ctx.cert} is not readable", False
     info = cert_info(der)
+    now = dt.datetime.now(dt.UTC)
+    valid = f"valid {stamp(info.not_before)} to {stamp(info.not_after)}, now {stamp(now)}"
+    if info.not_after < now:
+        return f"kme.cert {ctx.cert} ({info.subject}) has expired ({valid}): {_RENEW}", True
+    if info.not_before > now:
+        return f"kme.cert {ctx.cert} ({info.subject}) is not valid yet ({valid}): {_CLOCKS}", True
     cas = _ca_certs(ctx.ca)
-    namesake = any(ca.subject.rfc4514_string() == info.issuer for ca in cas)
+    namesake = any(name_of(ca.subject) == info.issuer for ca in cas)
     impostor = namesake and not any(_issued_by(der, ca) for ca in cas)
     other = " (not the CA of that name in kme.ca: another key)" if impostor else ""
-    return (
-        f"kme.cert {ctx.cert} is {info.subject}, issued by {info.issuer}{other}, valid"
-        f" {stamp(info.not_before)} to {stamp(info.not_after)}: the KME must trust its issuer for SAE"
-        " certificates"
+    text = (
+        f"kme.cert {ctx.cert} is {info.subject}, issued by {info.issuer}{other}, {valid}: the KME must"
+        " trust its issuer for SAE certificates"
     )
+    return text, False
