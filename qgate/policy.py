@@ -304,7 +304,10 @@ KME_CA: Final = Field("ca", FilePath(), "PEM CA certificate that signed the KME'
 KME_CERT: Final = Field("cert", FilePath(), "PEM client certificate of this SAE")
 KME_KEY: Final = Field("key", FilePath(), "PEM private key of cert")
 KME_TIMEOUT: Final = Field(
-    "timeout", Real(0.1, 60.0, "seconds"), "limit per HTTPS request", KmePolicy.timeout
+    "timeout",
+    Real(0.1, 60.0, "seconds"),
+    "limit per HTTPS request, connect to the answer's last byte",
+    KmePolicy.timeout,
 )
 KME_TLS_MIN_VERSION: Final = Field(
     "tls_min_version",
