@@ -119,15 +119,21 @@ class PeerSupply:
         self.view = KmeView()
         self.next_status_at = 0.0
         self._parked: list[FetchEncKeys] = []
-        self._unparked: set[int] = set()  # request_ids that waited for a refill long enough
-        self.hedged = 0  # dec_keys asked a second time because the first was stalled
         self._failing: dict[str, str] = {}  # request kind -> cause of its failure streak (logged once)
         self._status_tried = False  # the first refill waits for the KME's stated limits
         self._size_warned = False
 
+    @property
+    def hedged(self) -> int:
+        """dec_keys asked a second time because the first was stalled."""
+        return self.view.stalls
+
     # ----- the engine's requests --------------------------------------------------------
-    def fetch(self, action: FetchEncKeys | FetchDecKeys, now: float) -> None:
-        """Carry out a Fetch*Keys action: from stock, after the refill in flight, or from the KME."""
+    def fetch(self, action: FetchEncKeys | FetchDecKeys, now: float, *, may_park: bool = True) -> None:
+        """Carry out a Fetch*Keys action: from stock, after the refill in flight, or from the KME.
+
+        ``may_park`` False: the action waited for a stalled refill long enough; ask the KME now.
+        """
         loop = self._loop()
         if isinstance(action, FetchEncKeys):
             if action.size_bits == self.policy.qkd_key_bits:
@@ -135,7 +141,7 @@ class PeerSupply:
                 if stocked is not None:  # prefetched: no KME round trip on the rekey path
                     loop.call_soon(self._deliver, action, stocked)
                     return
-                if self.stock.refilling and action.request_id not in self._unparked:
+                if self.stock.refilling and may_park:
                     # Wait for the refill rather than race it with a second enc_keys; a stalled
                     # refill is waited for hedge_after() at most, then the rekey asks by itself.
                     self._parked.append(action)
@@ -161,7 +167,6 @@ class PeerSupply:
         if attempt.done:
             return
         attempt.pending += 1
-        self.hedged += 1
         self.view.stalled()
         future = self._loop().run_in_executor(self.executor, call)
         future.add_done_callback(functools.partial(self._attempted, action, time.monotonic(), attempt, False))
@@ -189,8 +194,7 @@ class PeerSupply:
     def _park_expired(self, action: FetchEncKeys) -> None:
         if action in self._parked:
             self._parked.remove(action)
-            self._unparked.add(action.request_id)
-            self.fetch(action, time.monotonic())
+            self.fetch(action, time.monotonic(), may_park=False)
 
     def _fetched(
         self, action: FetchEncKeys | FetchDecKeys, started: float, future: asyncio.Future[list[QkdKey]]
@@ -317,7 +321,6 @@ class PeerSupply:
         self._unpark(now)
 
     def _unpark(self, now: float) -> None:
-        self._unparked.clear()
         parked, self._parked = self._parked, []
         for action in parked:
             self.fetch(action, now)
